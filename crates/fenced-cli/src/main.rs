@@ -1,0 +1,2 @@
+//! The `fenced` command.
+fn main() {}

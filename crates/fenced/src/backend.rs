@@ -1,0 +1,332 @@
+//! The [`Backend`] trait every lock store implements, and the types it speaks.
+//!
+//! A backend does four small things atomically on its server: grant a lock if free, extend it,
+//! release it (both owner-checked), and optionally tell waiters that a key changed. Everything
+//! else — waiting loops, renewal, retries, cancellation handling, the lost-lock signal — lives in
+//! the [`Client`](crate::Client), once for all backends.
+//!
+//! The request types carry a [`Mode`] so that shared/read modes, semaphore permits and reentrancy
+//! can be added later without changing the trait: a backend that does not support a mode answers
+//! [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::key::Key;
+use crate::token::{FencingToken, OwnerId};
+
+/// How strong a backend's mutual exclusion is, from weakest to strongest reach.
+///
+/// Every level is lease-based or session-based; none survives every fault on its own. Pair the
+/// lock with the [`FencingToken`] at the resource for safety under pauses and partitions.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Safety {
+    /// Locks exist inside one process only.
+    InProcess,
+    /// Locks are shared by the processes of one machine through a local file. Survives process
+    /// crashes; not shared across machines.
+    SingleMachine,
+    /// One server holds the locks (for example a single Redis node). A server restart without
+    /// persistence, or a failover to an asynchronously replicated copy, can grant a lock twice.
+    SingleServer,
+    /// A consensus system (etcd, ZooKeeper) holds the locks; survives minority failures.
+    Consensus,
+}
+
+/// Whether a lock lives as long as a lease (renewed by the watchdog) or as long as a session.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Binding {
+    /// The lock expires unless renewed before its lease runs out.
+    Lease,
+    /// The lock lives as long as a server session or connection.
+    Session,
+}
+
+/// What a backend can do. The client and the conformance suite only use what is declared here,
+/// so a backend never fakes a feature.
+///
+/// ```
+/// use fenced::{Capabilities, Safety, Binding};
+/// let caps = Capabilities::new(Safety::SingleServer, Binding::Lease).with_native_wait(true);
+/// assert!(caps.fencing);
+/// assert!(caps.native_wait);
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Grants carry fencing tokens that strictly increase per key.
+    pub fencing: bool,
+    /// Waiters are woken by the server (pub/sub, watch, notify) instead of backing off.
+    pub native_wait: bool,
+    /// Lease- or session-bound.
+    pub binding: Binding,
+    /// The safety level.
+    pub safety: Safety,
+    /// The longest key (bytes) this backend stores.
+    pub max_key_len: usize,
+}
+
+impl Capabilities {
+    /// Capabilities with fencing on, no native waiting and the crate-wide key limit.
+    pub fn new(safety: Safety, binding: Binding) -> Self {
+        Capabilities {
+            fencing: true,
+            native_wait: false,
+            binding,
+            safety,
+            max_key_len: crate::key::MAX_KEY_LEN,
+        }
+    }
+
+    /// Sets `native_wait`.
+    pub fn with_native_wait(mut self, native: bool) -> Self {
+        self.native_wait = native;
+        self
+    }
+
+    /// Sets `max_key_len`.
+    pub fn with_max_key_len(mut self, len: usize) -> Self {
+        self.max_key_len = len;
+        self
+    }
+}
+
+/// The way a lock is held. Only [`Mode::Exclusive`] exists today; shared modes and permits will be
+/// added as new variants.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// One holder at a time.
+    #[default]
+    Exclusive,
+}
+
+/// One acquisition attempt, as the client sends it to a backend.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy)]
+pub struct AcquireRequest<'a> {
+    /// The key to lock.
+    pub key: &'a Key,
+    /// The owner of this grant. The same owner id is reused for retries of one acquisition, so
+    /// a backend must treat "already held by this owner" as granted (the reply of an earlier
+    /// attempt may have been lost).
+    pub owner: &'a OwnerId,
+    /// How long the backend keeps the lock without renewal.
+    pub lease: Duration,
+    /// A label for humans.
+    pub label: &'a str,
+    /// How the lock is held.
+    pub mode: Mode,
+}
+
+impl<'a> AcquireRequest<'a> {
+    /// An exclusive-mode request.
+    pub fn new(key: &'a Key, owner: &'a OwnerId, lease: Duration, label: &'a str) -> Self {
+        AcquireRequest {
+            key,
+            owner,
+            lease,
+            label,
+            mode: Mode::Exclusive,
+        }
+    }
+}
+
+/// A reference to a held lock: the key and the owner that holds it.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy)]
+pub struct LockRef<'a> {
+    /// The locked key.
+    pub key: &'a Key,
+    /// The owner that holds it.
+    pub owner: &'a OwnerId,
+}
+
+impl<'a> LockRef<'a> {
+    /// A reference to `key` held by `owner`.
+    pub fn new(key: &'a Key, owner: &'a OwnerId) -> Self {
+        LockRef { key, owner }
+    }
+}
+
+/// A granted lock.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The fencing token of this grant.
+    pub token: FencingToken,
+    /// The lease the server applied (may be shorter than requested, never longer).
+    pub lease: Duration,
+}
+
+impl Grant {
+    /// A grant.
+    pub fn new(token: FencingToken, lease: Duration) -> Self {
+        Grant { token, lease }
+    }
+}
+
+/// What a backend knows about the current holder of a key.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HolderInfo {
+    /// The holder's owner id.
+    pub owner: Option<OwnerId>,
+    /// The holder's fencing token.
+    pub token: Option<FencingToken>,
+    /// The holder's label.
+    pub label: Option<String>,
+    /// How long the holder's lease still runs, as the server sees it.
+    pub remaining: Option<Duration>,
+}
+
+impl HolderInfo {
+    /// Holder information; fill the public fields you know.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl fmt::Display for HolderInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.label {
+            Some(label) => write!(f, "held by {label:?}")?,
+            None => f.write_str("held by another owner")?,
+        }
+        if let Some(token) = self.token {
+            write!(f, " (token {token})")?;
+        }
+        if let Some(remaining) = self.remaining {
+            write!(f, ", lease ends in {remaining:.1?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an acquisition attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// The lock is now held by the requesting owner.
+    Granted(Grant),
+    /// Another owner holds it.
+    Held(HolderInfo),
+}
+
+/// The answer to an owner-checked operation (extend, release).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirm {
+    /// Done: the owner held the lock.
+    Done,
+    /// The owner does not hold the lock (it expired, was deleted, or another owner holds it;
+    /// `Some` carries that holder). Nothing was changed.
+    NotHeld(Option<HolderInfo>),
+}
+
+/// A subscription to changes of one key, created **before** the acquisition attempt it guards so
+/// that no release can slip between the attempt and the wait (no lost wake-up).
+#[async_trait]
+pub trait Watch: Send + fmt::Debug {
+    /// Resolves when the key may have changed since the watch was created or since the previous
+    /// call returned. Spurious wake-ups are allowed (after a reconnect, for example); missed ones
+    /// are not.
+    async fn changed(&mut self) -> Result<()>;
+}
+
+/// A lock store. Implement the required methods; the [`Client`](crate::Client) adds waiting,
+/// renewal, retries and cancellation handling on top.
+///
+/// Every method must be atomic on the server and owner-checked where it says so. Return
+/// transient failures (I/O, timeouts) as [`Error`]s marked [`transient`](Error::transient) so the
+/// client retries them.
+///
+/// ```
+/// # async fn demo() -> fenced::Result<()> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use fenced::{AcquireRequest, Acquired, Backend, Key, OwnerId};
+/// let backend: Arc<dyn Backend> = Arc::new(fenced::backends::memory::MemoryBackend::isolated());
+/// let key = Key::new("order:42")?;
+/// let owner = OwnerId::random();
+/// let request = AcquireRequest::new(&key, &owner, Duration::from_secs(10), "doc example");
+/// assert!(matches!(backend.acquire(&request).await?, Acquired::Granted(_)));
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs and metrics (`"redis"`).
+    fn name(&self) -> &'static str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Rejects keys this backend cannot store safely (beyond the crate-wide [`Key`] rules).
+    /// Called before any I/O. The default accepts keys up to
+    /// [`Capabilities::max_key_len`].
+    fn check_key(&self, key: &Key) -> Result<()> {
+        let max = self.capabilities().max_key_len;
+        if key.as_str().len() > max {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                Operation::Validate,
+                format!(
+                    "the {} backend stores keys of at most {max} bytes, this one has {}; use a shorter key",
+                    self.name(),
+                    key.as_str().len()
+                ),
+            )
+            .with_key(key.as_str()));
+        }
+        Ok(())
+    }
+
+    /// Grants the lock to `request.owner` if it is free, expired, or already held by that same
+    /// owner (then the lease is refreshed and the same token returned). Otherwise reports the
+    /// holder, with its remaining lease when known.
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Acquired>;
+
+    /// Sets the lease of a lock held by `lock.owner` to exactly `lease` from now. Owner-checked:
+    /// never touches a lock held by another owner.
+    async fn extend(&self, lock: &LockRef<'_>, lease: Duration) -> Result<Confirm>;
+
+    /// Releases a lock held by `lock.owner` and wakes waiters. Owner-checked: never touches a
+    /// lock held by another owner.
+    async fn release(&self, lock: &LockRef<'_>) -> Result<Confirm>;
+
+    /// Subscribes to changes of `key`. Backends without native waiting keep the default, which
+    /// returns a watch that wakes up with exponential backoff (10 ms doubling to 1 s).
+    async fn watch(&self, key: &Key) -> Result<Box<dyn Watch>> {
+        let _ = key;
+        Ok(Box::new(BackoffWatch::default()))
+    }
+
+    /// The current holder of `key`, if any (for status and diagnostics). Not owner-checked.
+    async fn holder(&self, key: &Key) -> Result<Option<HolderInfo>>;
+
+    /// Administrative break of a lock whatever its owner; returns what was broken. The fencing
+    /// counter is kept, so the next grant still gets a higher token.
+    async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>>;
+}
+
+/// The fallback [`Watch`]: resolves after an exponentially growing delay (10 ms, doubling, at
+/// most 1 s, with jitter). Used by backends that cannot notify.
+#[derive(Debug, Default)]
+pub struct BackoffWatch {
+    attempt: u32,
+}
+
+#[async_trait]
+impl Watch for BackoffWatch {
+    async fn changed(&mut self) -> Result<()> {
+        let cap = Duration::from_millis(10)
+            .saturating_mul(1 << self.attempt.min(7))
+            .min(Duration::from_secs(1));
+        self.attempt += 1;
+        tokio::time::sleep(cap / 2 + crate::options::jitter(cap / 2)).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,13 @@
+//! The lock stores. Each backend lives in its own folder with the same files:
+//!
+//! - `mod.rs` — the [`Backend`](crate::Backend) implementation;
+//! - `config.rs` — URL parameters and configuration;
+//! - `wait.rs` — how waiters are woken;
+//! - `README.md` — what the backend guarantees and what it does not (included as its docs).
+
+#[cfg(feature = "memory")]
+pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;

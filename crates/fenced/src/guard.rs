@@ -1,0 +1,321 @@
+//! [`LockGuard`]: a held lock, its fencing token, its lease, and its lost-lock signal.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backend::Confirm;
+use crate::error::{Error, Operation, Result};
+use crate::key::Key;
+use crate::lease::{Held, watchdog};
+use crate::options::{MAX_LEASE, MIN_LEASE};
+use crate::token::{FencingToken, OwnerId};
+
+/// Why a lock can no longer be assumed held.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LostReason {
+    /// Renewal did not succeed before the lease ran out (server unreachable, errors, or renewal
+    /// off and the lease ended).
+    Expired,
+    /// The server says this owner no longer holds the lock and nobody else does: the key was
+    /// deleted (administrative break, flush) or expired on the server.
+    NotHeld,
+    /// Another owner holds the lock now.
+    TakenOver,
+    /// The maximum hold time passed; the lock was released.
+    MaxHoldExceeded,
+    /// The server session the lock was bound to ended.
+    SessionEnded,
+    /// This holder released the lock (or dropped its guard).
+    Released,
+}
+
+impl fmt::Display for LostReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LostReason::Expired => "the lease ran out before it could be renewed",
+            LostReason::NotHeld => "the lock was deleted or expired on the server",
+            LostReason::TakenOver => "another owner holds the lock now",
+            LostReason::MaxHoldExceeded => "the maximum hold time passed",
+            LostReason::SessionEnded => "the session the lock was bound to ended",
+            LostReason::Released => "the lock was released by this holder",
+        })
+    }
+}
+
+/// A cloneable handle on a lock's lost-lock signal, to move into the tasks doing the work.
+///
+/// ```
+/// # async fn demo(client: fenced::Client) -> fenced::Result<()> {
+/// let guard = client.lock("order:42").await?;
+/// let lost = guard.lost_signal();
+/// let work = tokio::spawn(async move {
+///     tokio::select! {
+///         reason = lost.wait() => eprintln!("stopping: {reason}"),
+///         _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => { /* work done */ }
+///     }
+/// });
+/// let _ = work.await;
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LostSignal {
+    rx: watch::Receiver<Option<LostReason>>,
+}
+
+impl LostSignal {
+    /// Whether the lock can no longer be assumed held (including after release).
+    pub fn is_lost(&self) -> bool {
+        self.rx.borrow().is_some()
+    }
+
+    /// Why, once lost.
+    pub fn reason(&self) -> Option<LostReason> {
+        *self.rx.borrow()
+    }
+
+    /// Resolves when the lock is lost or released.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it changes nothing; call again to keep waiting.
+    pub async fn wait(&self) -> LostReason {
+        let mut rx = self.rx.clone();
+        loop {
+            if let Some(reason) = *rx.borrow_and_update() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return rx.borrow().unwrap_or(LostReason::Released);
+            }
+        }
+    }
+}
+
+/// What the work inside [`Client::with_lock`](crate::Client::with_lock) gets to know about its lock.
+#[derive(Debug, Clone)]
+pub struct LockInfo {
+    /// The key.
+    pub key: Key,
+    /// The fencing token of this grant: hand it to the resource.
+    pub token: FencingToken,
+    /// The owner id of this grant.
+    pub owner: OwnerId,
+    /// The lost-lock signal, to check before an irreversible step.
+    pub lost: LostSignal,
+}
+
+/// A held lock. Release it with [`release`](LockGuard::release); dropping it releases in the
+/// background, best effort.
+///
+/// While the guard lives, a watchdog task renews the lease every lease/3 (unless renewal is off)
+/// and fires [`lost`](LockGuard::lost) when the lock can no longer be assumed held.
+///
+/// # Dropping without `release`
+/// `Drop` stops renewal at once and spawns a release on the Tokio runtime that acquired the lock;
+/// that task retries transient errors until the lease would have ended. If that runtime has shut
+/// down, nothing is sent and the lock stays on the server until its lease runs out (at most one
+/// lease, since renewal stopped with the runtime). No thread is blocked in `Drop`.
+///
+/// ```
+/// # async fn demo() -> fenced::Result<()> {
+/// let client = fenced::connect("memory://").await?;
+/// let guard = client.lock("order:42").await?;
+/// println!("token {} until {:?}", guard.token(), guard.deadline());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "if unused the lock is released again at once (in the background)"]
+#[clippy::has_significant_drop]
+pub struct LockGuard {
+    held: Arc<Held>,
+    watchdog: Option<JoinHandle<()>>,
+    runtime: tokio::runtime::Handle,
+    done: bool,
+}
+
+impl LockGuard {
+    /// Starts the watchdog for a fresh grant. Must run inside a Tokio runtime.
+    pub(crate) fn start(held: Arc<Held>) -> LockGuard {
+        let runtime = tokio::runtime::Handle::current();
+        let watchdog = Some(runtime.spawn(watchdog(held.clone())));
+        LockGuard {
+            held,
+            watchdog,
+            runtime,
+            done: false,
+        }
+    }
+
+    /// The locked key.
+    pub fn key(&self) -> &Key {
+        &self.held.key
+    }
+
+    /// The fencing token of this grant. Pass it to the resource and let it reject lower tokens.
+    pub fn token(&self) -> FencingToken {
+        self.held.token
+    }
+
+    /// The owner id of this grant (random, unguessable, unique to this grant).
+    pub fn owner(&self) -> OwnerId {
+        self.held.owner
+    }
+
+    /// The label stored with the lock.
+    pub fn label(&self) -> &str {
+        &self.held.label
+    }
+
+    /// When the lock was granted (the instant the granting request was sent).
+    pub fn granted_at(&self) -> Instant {
+        self.held.granted_at
+    }
+
+    /// Until when the lock is certainly held: the instant the last successful grant or extension
+    /// was *sent*, plus its lease, minus a clock-drift allowance (lease/100 + 2 ms). Measured
+    /// with the monotonic clock, so it is never later than the server's own expiry.
+    pub fn deadline(&self) -> Instant {
+        self.held.deadline()
+    }
+
+    /// Time left until [`deadline`](LockGuard::deadline) (zero once passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline().saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the lost signal has fired.
+    pub fn is_lost(&self) -> bool {
+        self.held.lost_reason().is_some()
+    }
+
+    /// A future that resolves when the lock can no longer be assumed held: renewal failed until
+    /// the lease ran out, the key was deleted or taken by another owner, the session ended, or the
+    /// maximum hold time passed. Independent of `self` (`'static`), so it can be moved into a
+    /// `select!` next to the work.
+    ///
+    /// ```
+    /// # async fn demo(client: fenced::Client) -> fenced::Result<()> {
+    /// let guard = client.lock("job:nightly").await?;
+    /// tokio::select! {
+    ///     reason = guard.lost() => eprintln!("lock lost ({reason}); stopping"),
+    ///     _ = async { /* the work */ } => {}
+    /// }
+    /// guard.release().await.ok();
+    /// # Ok(()) }
+    /// ```
+    pub fn lost(&self) -> impl Future<Output = LostReason> + Send + 'static {
+        let signal = self.lost_signal();
+        async move { signal.wait().await }
+    }
+
+    /// A cloneable handle on the lost signal.
+    pub fn lost_signal(&self) -> LostSignal {
+        LostSignal {
+            rx: self.held.lost_receiver(),
+        }
+    }
+
+    /// A cloneable summary (key, token, owner, lost signal) for the code doing the work.
+    pub fn info(&self) -> LockInfo {
+        LockInfo {
+            key: self.held.key.clone(),
+            token: self.held.token,
+            owner: self.held.owner,
+            lost: self.lost_signal(),
+        }
+    }
+
+    /// Sets the lease to `lease` from now (capped by the maximum hold time), and uses `lease`
+    /// for later automatic renewals. Fails with [`ErrorKind::Lost`](crate::ErrorKind::Lost) if
+    /// the server says the lock is no longer held by this owner (and fires the lost signal).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped before the server answered, the local deadline is unchanged, which
+    /// is never later than the server's.
+    pub async fn extend(&self, lease: Duration) -> Result<()> {
+        if !(MIN_LEASE..=MAX_LEASE).contains(&lease) {
+            return Err(Error::invalid_config(format!(
+                "lease {lease:?} is out of range; use between {MIN_LEASE:?} and {MAX_LEASE:?}"
+            ))
+            .with_key(self.held.key.as_str()));
+        }
+        self.held.extend(lease, Operation::Extend).await
+    }
+
+    /// Releases the lock on the server and wakes a waiter. Owner-checked: never deletes a lock
+    /// another owner holds.
+    ///
+    /// Renewal stops first. Transient errors are retried with backoff while the lease may still
+    /// be valid. Returns [`ErrorKind::Lost`](crate::ErrorKind::Lost) when the server says this
+    /// owner no longer held the lock (it expired or was taken over: the critical section may
+    /// have overlapped with another holder).
+    ///
+    /// # Cancel safety
+    /// If the future is dropped before the server confirmed, the guard's state is not cleared:
+    /// the drop path keeps retrying the release in the background (see the type docs). On an
+    /// error, the same background release keeps trying until the lease ends.
+    pub async fn release(mut self) -> Result<()> {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        match self.held.release().await {
+            Ok(Confirm::Done) => {
+                self.done = true;
+                self.held.fire(LostReason::Released);
+                Ok(())
+            }
+            Ok(Confirm::NotHeld(holder)) => {
+                self.done = true;
+                let reason = self.held.lost_reason().unwrap_or(if holder.is_some() {
+                    LostReason::TakenOver
+                } else {
+                    LostReason::NotHeld
+                });
+                self.held.fire(reason);
+                Err(Error::lost(
+                    Operation::Release,
+                    self.held.key.as_str(),
+                    reason,
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        if self.done {
+            return;
+        }
+        self.held.fire(LostReason::Released);
+        // Spawning on a runtime that has shut down drops the task without running it.
+        drop(
+            self.runtime
+                .spawn(self.held.clone().release_in_background()),
+        );
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.held.key)
+            .field("token", &self.held.token)
+            .field("owner", &self.held.owner)
+            .field("label", &self.held.label)
+            .field("deadline", &self.held.deadline())
+            .field("lost", &self.held.lost_reason())
+            .finish()
+    }
+}

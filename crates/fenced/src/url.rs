@@ -1,0 +1,354 @@
+//! Building clients from URLs, the embedded default, and redaction of secrets.
+
+use std::path::PathBuf;
+
+use crate::client::Client;
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::options::LockOptions;
+
+/// Connects to the lock store named by `url`.
+///
+/// | URL | Backend | Cargo feature |
+/// |---|---|---|
+/// | `memory://` or `memory://name` | in-process store shared by clients of that name | `memory` (default) |
+/// | `sqlite:///path/to/locks.db` | embedded, shared by the processes of one machine | `sqlite` (default) |
+/// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
+///
+/// An unknown scheme fails with [`ErrorKind::InvalidConfig`]; a known scheme whose cargo feature
+/// is off fails with [`ErrorKind::Unsupported`] naming the feature. Passwords never appear in
+/// errors or logs.
+///
+/// ```
+/// # async fn demo() -> fenced::Result<()> {
+/// let client = fenced::connect("memory://").await?;
+/// let err = fenced::connect("carrier-pigeon://loft").await.unwrap_err();
+/// assert_eq!(err.kind(), fenced::ErrorKind::InvalidConfig);
+/// # Ok(()) }
+/// ```
+pub async fn connect(url: &str) -> Result<Client> {
+    Client::builder().url(url).build().await
+}
+
+/// Builds a [`Client`]: an optional URL (default: the embedded SQLite file, see
+/// [`default_url`]) and default [`LockOptions`].
+#[derive(Debug, Default, Clone)]
+pub struct ClientBuilder {
+    url: Option<String>,
+    options: LockOptions,
+}
+
+impl ClientBuilder {
+    /// The lock store's URL (see [`connect`]).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// Default options for [`Client::lock`] and [`Client::try_lock`].
+    pub fn options(mut self, options: LockOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Validates the options and connects.
+    pub async fn build(self) -> Result<Client> {
+        self.options.validate()?;
+        let url = match self.url {
+            Some(url) => url,
+            None => default_url()?,
+        };
+        let backend = open(&url).await?;
+        Ok(Client::from_arc(backend, self.options))
+    }
+}
+
+async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
+    let url = parse(raw)?;
+    let scheme = url.scheme().to_owned();
+    match scheme.as_str() {
+        "memory" => {
+            #[cfg(feature = "memory")]
+            return Ok(std::sync::Arc::new(
+                crate::backends::memory::MemoryBackend::from_url(&url)?,
+            ));
+            #[cfg(not(feature = "memory"))]
+            return Err(feature_off("memory", "memory"));
+        }
+        "sqlite" => {
+            #[cfg(feature = "sqlite")]
+            return Ok(std::sync::Arc::new(
+                crate::backends::sqlite::SqliteBackend::from_url(&url).await?,
+            ));
+            #[cfg(not(feature = "sqlite"))]
+            return Err(feature_off("sqlite", "sqlite"));
+        }
+        "redis" | "rediss" => {
+            #[cfg(feature = "redis")]
+            return Ok(std::sync::Arc::new(
+                crate::backends::redis::RedisBackend::from_url(&url).await?,
+            ));
+            #[cfg(not(feature = "redis"))]
+            return Err(feature_off(&scheme, "redis"));
+        }
+        "etcd" | "etcds" | "zk" | "postgres" | "postgresql" | "mysql" | "mariadb" | "redlock"
+        | "redis+cluster" | "redis+sentinel" => Err(Error::new(
+            ErrorKind::Unsupported,
+            Operation::Connect,
+            format!(
+                "the {scheme}:// backend is not part of this version of fenced yet; supported now: memory://, \
+                 sqlite://, redis://, rediss://"
+            ),
+        )),
+        _ => Err(Error::new(
+            ErrorKind::InvalidConfig,
+            Operation::Connect,
+            format!(
+                "unknown URL scheme {scheme:?} in {}; use memory://, sqlite:///path/to/locks.db, \
+                 redis://host:port or rediss://host:port",
+                redact(raw)
+            ),
+        )),
+    }
+}
+
+#[allow(dead_code)]
+fn feature_off(scheme: &str, feature: &str) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        Operation::Connect,
+        format!(
+            "{scheme}:// needs the cargo feature `{feature}` of the fenced crate, which is off in this build; \
+             enable it: fenced = {{ version = \"{}\", features = [\"{feature}\"] }}",
+            env!("CARGO_PKG_VERSION")
+        ),
+    )
+}
+
+fn parse(raw: &str) -> Result<url::Url> {
+    url::Url::parse(raw).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidConfig,
+            Operation::Connect,
+            format!(
+                "{} is not a valid URL ({e}); write it like redis://host:6379 or sqlite:///var/lib/app/locks.db",
+                redact(raw)
+            ),
+        )
+    })
+}
+
+/// The URL used when none is given: an SQLite file in the user's state directory,
+/// `$XDG_STATE_HOME/fenced/locks.db` or `$HOME/.local/state/fenced/locks.db`. The directory is
+/// created on first use.
+///
+/// ```
+/// # if std::env::var_os("HOME").is_some() {
+/// let url = fenced::default_url()?;
+/// assert!(url.starts_with("sqlite://") && url.ends_with("fenced/locks.db"));
+/// # }
+/// # Ok::<(), fenced::Error>(())
+/// ```
+pub fn default_url() -> Result<String> {
+    let dir = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                Operation::Connect,
+                "no URL given and neither XDG_STATE_HOME nor HOME is set, so there is no place for the \
+                 embedded lock file; pass a URL such as sqlite:///var/lib/app/locks.db",
+            )
+        })?;
+    let path = dir.join("fenced").join("locks.db");
+    let encoded: String = path
+        .to_string_lossy()
+        .split('/')
+        .map(|part| percent_encoding::utf8_percent_encode(part, PATH_SEGMENT).to_string())
+        .collect::<Vec<_>>()
+        .join("/");
+    Ok(format!("sqlite://{encoded}"))
+}
+
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// `url` with any password (and query values named like secrets) replaced by `***`, for
+/// messages and logs. Works on malformed URLs too.
+///
+/// ```
+/// assert_eq!(fenced::redact("redis://app:hunter2@cache:6379/0"), "redis://app:***@cache:6379/0");
+/// assert_eq!(fenced::redact("rediss://:s3cret@cache/0?password=x&prefix=p"), "rediss://:***@cache/0?password=***&prefix=p");
+/// assert_eq!(fenced::redact("memory://"), "memory://");
+/// ```
+pub fn redact(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    match head.split_once("://") {
+        Some((scheme, rest)) => {
+            out.push_str(scheme);
+            out.push_str("://");
+            let auth_end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(auth_end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) => {
+                    match userinfo.split_once(':') {
+                        Some((user, _password)) => {
+                            out.push_str(user);
+                            out.push_str(":***");
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push('@');
+                    out.push_str(host);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(path);
+        }
+        None => out.push_str(head),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let parts: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_secret_name(k) => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
+    }
+    out
+}
+
+fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token", "auth", "key"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+/// The query parameters of `url`, failing on any name not in `known` (typos must not be ignored).
+#[allow(dead_code)]
+pub(crate) fn query_params(url: &url::Url, known: &[&str]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (k, v) in url.query_pairs() {
+        if !known.contains(&k.as_ref()) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                Operation::Connect,
+                format!(
+                    "unknown parameter {k:?} in {}; known parameters for {}://: {}",
+                    redact(url.as_str()),
+                    url.scheme(),
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+        out.push((k.into_owned(), v.into_owned()));
+    }
+    Ok(out)
+}
+
+/// Parses a human duration (`500ms`, `30s`, `5m`) from a URL parameter.
+#[allow(dead_code)]
+pub(crate) fn duration_param(
+    url: &url::Url,
+    name: &str,
+    value: &str,
+) -> Result<std::time::Duration> {
+    parse_duration(value).ok_or_else(|| {
+        Error::new(
+            ErrorKind::InvalidConfig,
+            Operation::Connect,
+            format!(
+                "parameter {name}={value:?} in {} is not a duration; write e.g. 500ms, 2s or 1m",
+                redact(url.as_str())
+            ),
+        )
+    })
+}
+
+/// `123ms`, `2s`, `1.5s`, `5m`, `1h`; `None` when malformed.
+pub(crate) fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return None,
+    };
+    std::time::Duration::try_from_secs_f64(secs).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("redis://u@h"), "redis://u@h");
+        assert_eq!(redact("not a url :: p@ss"), "not a url :: p@ss");
+        assert_eq!(redact("redis://h/0?token=abc"), "redis://h/0?token=***");
+        assert_eq!(redact("redis://a:b:c@h"), "redis://a:***@h");
+        assert_eq!(redact("redis://a:p@ss@h/0"), "redis://a:***@h/0");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("500ms"),
+            Some(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(
+            parse_duration("2s"),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse_duration("1m"),
+            Some(std::time::Duration::from_secs(60))
+        );
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(parse_duration("5"), None);
+    }
+
+    #[tokio::test]
+    async fn schemes() {
+        let e = connect("ftp://x").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        let e = connect("etcd://localhost:2379").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        let e = connect("::not a url").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        #[cfg(not(feature = "redis"))]
+        {
+            let e = connect("redis://u:secret@localhost").await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            assert!(e.to_string().contains("feature `redis`"), "{e}");
+            assert!(!e.to_string().contains("secret"));
+        }
+    }
+}
