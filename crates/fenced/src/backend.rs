@@ -330,3 +330,36 @@ impl Watch for BackoffWatch {
         Ok(())
     }
 }
+
+/// A shared backend is a backend (so wrappers such as
+/// [`Counting`](crate::layers::Counting) can wrap a client's `Arc<dyn Backend>`).
+#[async_trait]
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+    fn check_key(&self, key: &Key) -> Result<()> {
+        (**self).check_key(key)
+    }
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Acquired> {
+        (**self).acquire(request).await
+    }
+    async fn extend(&self, lock: &LockRef<'_>, lease: Duration) -> Result<Confirm> {
+        (**self).extend(lock, lease).await
+    }
+    async fn release(&self, lock: &LockRef<'_>) -> Result<Confirm> {
+        (**self).release(lock).await
+    }
+    async fn watch(&self, key: &Key) -> Result<Box<dyn Watch>> {
+        (**self).watch(key).await
+    }
+    async fn holder(&self, key: &Key) -> Result<Option<HolderInfo>> {
+        (**self).holder(key).await
+    }
+    async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>> {
+        (**self).force_release(key).await
+    }
+}

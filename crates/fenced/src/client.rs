@@ -315,6 +315,7 @@ impl Client {
                         label,
                         sent,
                         lease: grant.lease.min(lease),
+                        capped: lease < options.get_lease(),
                         max_hold: options.get_max_hold(),
                         renew: options.get_renew(),
                         renew_every: options.renew_every_setting(),

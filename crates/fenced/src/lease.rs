@@ -32,6 +32,8 @@ struct Timing {
     renewed_at: Instant,
     /// The lease used by extensions (changed by `extend`).
     lease: Duration,
+    /// Whether the last grant or extension was shortened to end at the maximum hold time.
+    capped: bool,
 }
 
 /// One held lock.
@@ -67,6 +69,8 @@ pub(crate) struct HeldParts {
     pub(crate) sent: Instant,
     /// The lease the server applied.
     pub(crate) lease: Duration,
+    /// Whether `lease` was shortened to end at the maximum hold time.
+    pub(crate) capped: bool,
     pub(crate) max_hold: Option<Duration>,
     pub(crate) renew: bool,
     pub(crate) renew_every: Option<Duration>,
@@ -91,6 +95,7 @@ impl Held {
                 deadline: p.sent + p.lease.saturating_sub(drift(p.lease)),
                 renewed_at: p.sent,
                 lease: p.lease,
+                capped: p.capped,
             }),
             extending: tokio::sync::Mutex::new(()),
             poke: Notify::new(),
@@ -173,6 +178,7 @@ impl Held {
                     t.deadline = sent + applied.saturating_sub(drift(applied));
                     t.renewed_at = sent;
                     t.lease = lease;
+                    t.capped = applied < lease;
                 }
                 self.poke.notify_one();
                 debug!(key = %self.key, token = self.token.get(), "fenced: lease extended");
@@ -257,7 +263,11 @@ pub(crate) async fn watchdog(held: Arc<Held>) {
             return;
         }
         if now >= t.deadline {
-            held.fire(LostReason::Expired);
+            held.fire(if t.capped {
+                LostReason::MaxHoldExceeded
+            } else {
+                LostReason::Expired
+            });
             return;
         }
         let renew_at = if held.renew {
