@@ -1,13 +1,14 @@
-# Starts a throwaway Redis on loopback: password auth on a plain port and TLS (own CA) on a
-# second port. Exports FENCED_TEST_REDIS_URL and FENCED_TEST_REDISS_URL.
+# Starts throwaway Redis servers on loopback (password auth, no persistence, data in the run
+# directory):
+#   - the main server, with TLS (own CA) on a second port:
+#       FENCED_TEST_REDIS_URL, FENCED_TEST_REDISS_URL
+#   - a second server used only by checks that count server commands (run one at a time):
+#       FENCED_TEST_REDIS_COUNTING_URL
 # shellcheck shell=bash
 
-start_redis() {
-  need_packages "redis-server:redis-server" "redis-cli:redis-tools" "openssl:openssl"
-  local dir port tls_port password
-  dir="$(run_dir)/redis"
-  mkdir -p "$dir"
-  password="$(openssl rand -hex 16)"
+# redis_tls_material <dir>: a CA and a server certificate for localhost/127.0.0.1.
+redis_tls_material() {
+  local dir="$1"
   (
     cd "$dir"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 \
@@ -17,24 +18,50 @@ start_redis() {
     printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > san.ext
     openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
       -days 2 -extfile san.ext >/dev/null 2>&1
-  ) || die "could not create TLS certificates for Redis"
-  local attempt
+  ) || die "could not create TLS certificates for Redis in $dir"
+}
+
+# redis_instance <name> <tls: yes|no> <password>: starts one server; sets REDIS_PORT and
+# REDIS_TLS_PORT.
+redis_instance() {
+  local name="$1" tls="$2" password="$3" dir attempt
+  dir="$(run_dir)/redis-$name"
+  mkdir -p "$dir"
+  [[ "$tls" == yes ]] && redis_tls_material "$dir"
+  REDIS_PORT=""
   for attempt in 1 2 3; do
-    port="$(free_port)"; tls_port="$(free_port)"
-    redis-server --bind 127.0.0.1 --port "$port" --tls-port "$tls_port" \
-      --tls-cert-file "$dir/server.crt" --tls-key-file "$dir/server.key" \
-      --tls-ca-cert-file "$dir/ca.crt" --tls-auth-clients no \
+    local port tls_port tls_args=()
+    port="$(free_port)"
+    REDIS_TLS_PORT=""
+    if [[ "$tls" == yes ]]; then
+      tls_port="$(free_port)"
+      REDIS_TLS_PORT="$tls_port"
+      tls_args=(--tls-port "$tls_port" --tls-cert-file "$dir/server.crt" --tls-key-file "$dir/server.key"
+        --tls-ca-cert-file "$dir/ca.crt" --tls-auth-clients no)
+    fi
+    redis-server --bind 127.0.0.1 --port "$port" "${tls_args[@]}" \
       --requirepass "$password" --save '' --appendonly no --dir "$dir" \
       --logfile "$dir/redis.log" --daemonize no &
     FENCED_PIDS+=("$!")
     if wait_for 10 redis-cli -h 127.0.0.1 -p "$port" --no-auth-warning -a "$password" ping; then
-      break
+      REDIS_PORT="$port"
+      return 0
     fi
-    log "redis did not start on port $port (attempt $attempt); log: $(tail -3 "$dir/redis.log" 2>/dev/null)"
-    port=""
+    log "redis ($name) did not start on port $port (attempt $attempt): $(tail -3 "$dir/redis.log" 2>/dev/null)"
   done
-  [[ -n "$port" ]] || die "Redis did not start; see $dir/redis.log"
-  export FENCED_TEST_REDIS_URL="redis://:${password}@127.0.0.1:${port}/0"
-  export FENCED_TEST_REDISS_URL="rediss://:${password}@localhost:${tls_port}/0?tls_ca=${dir}/ca.crt"
-  log "redis $(redis-server --version | awk '{print $3}') on 127.0.0.1:$port (TLS on $tls_port)"
+  die "Redis ($name) did not start; see $dir/redis.log"
+}
+
+start_redis() {
+  need_packages "redis-server:redis-server" "redis-cli:redis-tools" "openssl:openssl"
+  local password dir
+  password="$(openssl rand -hex 16)"
+  redis_instance main yes "$password"
+  dir="$(run_dir)/redis-main"
+  export FENCED_TEST_REDIS_URL="redis://:${password}@127.0.0.1:${REDIS_PORT}/0"
+  export FENCED_TEST_REDISS_URL="rediss://:${password}@localhost:${REDIS_TLS_PORT}/0?tls_ca=${dir}/ca.crt"
+  log "redis $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on 127.0.0.1:$REDIS_PORT (TLS on $REDIS_TLS_PORT)"
+  redis_instance counting no "$password"
+  export FENCED_TEST_REDIS_COUNTING_URL="redis://:${password}@127.0.0.1:${REDIS_PORT}/0"
+  log "redis for command-counting checks on 127.0.0.1:$REDIS_PORT"
 }

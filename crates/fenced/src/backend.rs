@@ -7,7 +7,7 @@
 //!
 //! The request types carry a [`Mode`] so that shared/read modes, semaphore permits and reentrancy
 //! can be added later without changing the trait: a backend that does not support a mode answers
-//! [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+//! [`ErrorKind::Unsupported`].
 
 use std::fmt;
 use std::time::Duration;
@@ -234,6 +234,10 @@ pub trait Watch: Send + fmt::Debug {
     /// Resolves when the key may have changed since the watch was created or since the previous
     /// call returned. Spurious wake-ups are allowed (after a reconnect, for example); missed ones
     /// are not.
+    ///
+    /// # Cancel safety
+    /// Must be cancel safe: a change that happens while no `changed()` future is being polled is
+    /// reported by the next call.
     async fn changed(&mut self) -> Result<()>;
 }
 
@@ -243,6 +247,13 @@ pub trait Watch: Send + fmt::Debug {
 /// Every method must be atomic on the server and owner-checked where it says so. Return
 /// transient failures (I/O, timeouts) as [`Error`]s marked [`transient`](Error::transient) so the
 /// client retries them.
+///
+/// # Cancel safety
+/// The client may drop any of these futures at any await point (a caller's timeout, a dropped
+/// task). An implementation must leave the server in a state that one of the owner-checked
+/// operations can clean up: an acquisition cut short may have granted the lock (the client then
+/// releases it by owner id), and an extension or release cut short may or may not have happened.
+/// Never keep local state that claims an operation happened before the server confirmed it.
 ///
 /// ```
 /// # async fn demo() -> fenced::Result<()> {

@@ -114,6 +114,8 @@ impl Client {
 
     /// Acquires `key`, waiting as long as it takes, with the client's default options.
     ///
+    /// Locks are not reentrant: a task that holds `key` and asks for it again waits for itself.
+    ///
     /// # Cancel safety
     /// Dropping the future never leaves a lock held beyond its lease: if a grant may have
     /// happened while the future was pending, a release for this attempt's owner id is sent in
@@ -228,6 +230,9 @@ impl Client {
     }
 
     /// The current holder of `key`, if any.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
     pub async fn holder(&self, key: impl AsRef<str>) -> Result<Option<HolderInfo>> {
         let key = Key::new(key.as_ref())?;
         self.inner.backend.check_key(&key)?;
@@ -240,6 +245,10 @@ impl Client {
 
     /// Releases `key` if (and only if) `owner` holds it: for scripts that keep an owner id
     /// between commands. Fails with [`ErrorKind::NotOwner`] otherwise, touching nothing.
+    ///
+    /// # Cancel safety
+    /// If dropped, the release may or may not have happened on the server; it never touched
+    /// another owner's lock. Call it again to find out (`NotOwner` once released).
     pub async fn unlock(&self, key: impl AsRef<str>, owner: &OwnerId) -> Result<()> {
         let key = Key::new(key.as_ref())?;
         self.inner.backend.check_key(&key)?;
@@ -260,6 +269,9 @@ impl Client {
 
     /// Administrative break of `key` whoever holds it; returns what was broken. The fencing
     /// counter is kept, so the broken holder's token can never be reissued.
+    ///
+    /// # Cancel safety
+    /// If dropped, the break may or may not have happened on the server.
     pub async fn force_release(&self, key: impl AsRef<str>) -> Result<Option<HolderInfo>> {
         let key = Key::new(key.as_ref())?;
         self.inner.backend.check_key(&key)?;

@@ -142,7 +142,7 @@ impl Error {
     /// use fenced::{Error, ErrorKind, Operation};
     /// let io = std::io::Error::other("connection reset");
     /// let e = Error::backend(Operation::Release, "lost the connection", io).transient(true);
-    /// assert_eq!(e.0.kind(), ErrorKind::Backend);
+    /// assert_eq!(e.kind(), ErrorKind::Backend);
     /// ```
     pub fn backend(
         operation: Operation,
