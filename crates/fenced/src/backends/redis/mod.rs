@@ -1,1 +1,754 @@
-//! Redis backend (in progress).
+#![doc = include_str!("README.md")]
+
+mod config;
+mod scripts;
+mod wait;
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::{RedisError, ServerErrorKind, Value};
+
+use crate::backend::{
+    AcquireRequest, Acquired, Backend, Binding, Capabilities, Confirm, Grant, HolderInfo, LockRef,
+    Mode, Safety, Watch,
+};
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::key::Key;
+use crate::token::{FencingToken, OwnerId};
+
+use config::RedisConfig;
+use wait::Notifier;
+
+/// The single-node Redis / Valkey backend (`redis://`, `rediss://`). Cheap to clone; clones
+/// share one command connection and one pub/sub connection.
+///
+/// Usually built through [`connect`](crate::connect); see the [module docs](self) for the URL
+/// parameters and for what this backend does and does not guarantee.
+///
+/// ```no_run
+/// # async fn demo() -> fenced::Result<()> {
+/// use fenced::backends::redis::RedisBackend;
+/// let backend = RedisBackend::connect("redis://:secret@localhost:6379/0?prefix=billing").await?;
+/// let client = fenced::Client::new(backend);
+/// let guard = client.lock("invoice:17").await?;
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    context: Arc<Context>,
+    notifier: Notifier,
+}
+
+/// What error messages need to know about the connection.
+struct Context {
+    config: RedisConfig,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.inner.context.config.redacted)
+            .field("prefix", &self.inner.context.config.prefix)
+            .field("timeout", &self.inner.context.config.timeout)
+            .field("notifier", &self.inner.notifier)
+            .finish()
+    }
+}
+
+/// The Redis names used for one lock key.
+///
+/// ```no_run
+/// # async fn demo() -> fenced::Result<()> {
+/// use fenced::backends::redis::RedisBackend;
+/// let backend = RedisBackend::connect("redis://localhost:6379").await?;
+/// let names = backend.key_names(&fenced::Key::new("job{1}")?);
+/// assert_eq!(names.lock, "fenced:{job%7B1%7D}:lock");
+/// assert_eq!(names.fence, "fenced:{job%7B1%7D}:fence");
+/// assert_eq!(names.channel, "fenced:{job%7B1%7D}:released");
+/// # Ok(()) }
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RedisKeyNames {
+    /// The hash holding the current grant (`owner`, `token`, `label`); it expires with the lease.
+    pub lock: String,
+    /// The fencing counter (`INCR`); it has no expiry and outlives the lock.
+    pub fence: String,
+    /// The pub/sub channel on which releases are announced.
+    pub channel: String,
+}
+
+impl RedisBackend {
+    /// Connects to the server named by `url` (`redis://…` or `rediss://…`, see the
+    /// [module docs](self) for the parameters).
+    ///
+    /// Connecting is eager: an unreachable server, a TLS problem or a wrong password fails here,
+    /// with a message that says what to check (and never shows the password).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let backend = fenced::backends::redis::RedisBackend::connect(
+    ///     "rediss://app:secret@cache.internal:6380/0?tls_ca=/etc/ssl/cache-ca.pem&timeout=1s",
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<RedisBackend> {
+        let parsed = url::Url::parse(url).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                Operation::Connect,
+                format!(
+                    "{} is not a valid URL ({e}); write it like redis://:password@host:6379/0",
+                    crate::url::redact(url)
+                ),
+            )
+        })?;
+        RedisBackend::from_url(&parsed).await
+    }
+
+    /// Connects as described by an already parsed URL.
+    pub(crate) async fn from_url(url: &url::Url) -> Result<RedisBackend> {
+        let config = RedisConfig::from_url(url)?;
+        if config.tls {
+            ensure_crypto_provider();
+        }
+        let context = Arc::new(Context { config });
+        let client = context.client()?;
+        let timeout = context.config.timeout;
+
+        // The pub/sub connection first: it checks the address, TLS and the credentials once,
+        // without the retries of the connection manager.
+        let pubsub = open_pubsub(&client, &context).await?;
+
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = match tokio::time::timeout(
+            timeout,
+            ConnectionManager::new_with_config(client.clone(), manager_config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(context.error(Operation::Connect, &e)),
+            Err(_) => return Err(context.timed_out(Operation::Connect)),
+        };
+
+        let reconnect: wait::Connect = {
+            let context = context.clone();
+            Box::new(move || {
+                let client = client.clone();
+                let context = context.clone();
+                Box::pin(async move {
+                    open_pubsub(&client, &context)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            })
+        };
+        let notifier = Notifier::start(pubsub, reconnect, timeout);
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                conn,
+                context,
+                notifier,
+            }),
+        })
+    }
+
+    /// The key prefix (the `prefix` URL parameter, default `fenced`).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let backend = fenced::backends::redis::RedisBackend::connect("redis://localhost?prefix=billing").await?;
+    /// assert_eq!(backend.prefix(), "billing");
+    /// # Ok(()) }
+    /// ```
+    pub fn prefix(&self) -> &str {
+        &self.inner.context.config.prefix
+    }
+
+    /// The Redis key and channel names this backend uses for `key` (for operators and tests).
+    /// See [`RedisKeyNames`].
+    ///
+    /// ```no_run
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let backend = fenced::backends::redis::RedisBackend::connect("redis://localhost?prefix=app").await?;
+    /// let names = backend.key_names(&fenced::Key::new("order:42")?);
+    /// assert_eq!(names.fence, "app:{order:42}:fence");
+    /// # Ok(()) }
+    /// ```
+    pub fn key_names(&self, key: &Key) -> RedisKeyNames {
+        let base = format!("{}:{{{}}}", self.prefix(), escape(key.as_str()));
+        RedisKeyNames {
+            lock: format!("{base}:lock"),
+            fence: format!("{base}:fence"),
+            channel: format!("{base}:released"),
+        }
+    }
+
+    /// How many release channels this backend is subscribed to right now (one per key that
+    /// has at least one waiter in this process).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let backend = fenced::backends::redis::RedisBackend::connect("redis://localhost").await?;
+    /// assert_eq!(backend.subscribed_channels(), 0);
+    /// # Ok(()) }
+    /// ```
+    pub fn subscribed_channels(&self) -> usize {
+        self.inner.notifier.subscribed_channels()
+    }
+
+    /// Runs one script and returns its array reply.
+    async fn run(
+        &self,
+        operation: Operation,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<Value>> {
+        let context = &self.inner.context;
+        let mut conn = self.inner.conn.clone();
+        match tokio::time::timeout(
+            context.config.timeout,
+            invocation.invoke_async::<Value>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(Value::Array(items))) => Ok(items),
+            Ok(Ok(other)) => Err(context.unexpected(operation, &other)),
+            Ok(Err(e)) => Err(context.error(operation, &e)),
+            Err(_) => Err(context.timed_out(operation)),
+        }
+    }
+}
+
+/// `%` → `%25`, `{` → `%7B`, `}` → `%7D`: the escaped key contains no braces (so the hash tag
+/// around it is exactly the key) and escaping is injective (so every key has its own names).
+fn escape(key: &str) -> Cow<'_, str> {
+    if !key.contains(['%', '{', '}']) {
+        return Cow::Borrowed(key);
+    }
+    let mut out = String::with_capacity(key.len() + 8);
+    for c in key.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// rustls needs a process-wide crypto provider; install aws-lc-rs unless the application
+/// installed one already.
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race against another installer is fine: some provider is installed.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
+/// Opens and checks (`PING`) a pub/sub connection within the timeout.
+async fn open_pubsub(client: &redis::Client, context: &Context) -> Result<PubSub> {
+    let open = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        // Without a password in the URL, a protected server answers the first command NOAUTH.
+        pubsub.ping::<Value>().await?.extract_error()?;
+        Ok::<_, RedisError>(pubsub)
+    };
+    match tokio::time::timeout(context.config.timeout, open).await {
+        Ok(Ok(pubsub)) => Ok(pubsub),
+        Ok(Err(e)) => Err(context.error(Operation::Connect, &e)),
+        Err(_) => Err(context.timed_out(Operation::Connect)),
+    }
+}
+
+/// The underlying cause of a backend error, with any password removed.
+#[derive(Debug)]
+struct Cause(String);
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Cause {}
+
+impl Context {
+    fn client(&self) -> Result<redis::Client> {
+        use redis::IntoConnectionInfo as _;
+        let built = self
+            .config
+            .target
+            .as_str()
+            .into_connection_info()
+            .and_then(|info| {
+                // No `CLIENT SETINFO` on every connect: one round trip and two commands less.
+                let settings = info.redis_settings().clone().set_skip_set_lib_name();
+                let info = info.set_redis_settings(settings);
+                match &self.config.tls_ca {
+                    Some((_, pem)) => redis::Client::build_with_tls(
+                        info,
+                        redis::TlsCertificates {
+                            client_tls: None,
+                            root_cert: Some(pem.clone()),
+                        },
+                    ),
+                    None => redis::Client::open(info),
+                }
+            });
+        built.map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                Operation::Connect,
+                format!(
+                    "{} cannot be used: {}; check the URL (and the tls_ca file)",
+                    self.config.redacted,
+                    self.scrub(&e.to_string())
+                ),
+            )
+        })
+    }
+
+    /// `text` with the password replaced by `***`.
+    fn scrub(&self, text: &str) -> String {
+        match self.config.password.as_deref() {
+            Some(password) if !password.is_empty() => text.replace(password, "***"),
+            _ => text.to_owned(),
+        }
+    }
+
+    fn timed_out(&self, operation: Operation) -> Error {
+        let url = &self.config.redacted;
+        let timeout = self.config.timeout;
+        Error::new(
+            ErrorKind::Backend,
+            operation,
+            format!(
+                "no reply from {url} within {timeout:?}; check that the server is running and reachable, that \
+                 the URL's scheme matches the port (rediss:// for TLS), or raise ?timeout="
+            ),
+        )
+        .transient(true)
+    }
+
+    fn unexpected(&self, operation: Operation, reply: &Value) -> Error {
+        Error::new(
+            ErrorKind::Backend,
+            operation,
+            format!(
+                "unexpected reply from {}: {}; is this a Redis or Valkey server, and does anything else write \
+                 keys under the prefix {:?}?",
+                self.config.redacted,
+                self.scrub(&format!("{reply:?}")),
+                self.config.prefix
+            ),
+        )
+    }
+
+    /// Maps a `redis` error to a fenced error with a message that says what to do.
+    fn error(&self, operation: Operation, e: &RedisError) -> Error {
+        let url = &self.config.redacted;
+        let prefix = &self.config.prefix;
+        let code = server_code(e);
+        let code = code.as_deref().unwrap_or("");
+        let (kind, transient, message) = match e.kind() {
+            redis::ErrorKind::AuthenticationFailed => (
+                ErrorKind::Backend,
+                false,
+                format!(
+                    "the server at {url} rejected the user name or password; check the password (and user) in \
+                     the URL"
+                ),
+            ),
+            _ if code == "WRONGPASS" => (
+                ErrorKind::Backend,
+                false,
+                format!(
+                    "the server at {url} rejected the user name or password; check the password (and user) in \
+                     the URL"
+                ),
+            ),
+            _ if code == "NOAUTH" => (
+                ErrorKind::Backend,
+                false,
+                format!(
+                    "the server at {url} requires a password; put it in the URL, as in \
+                     redis://:PASSWORD@host:6379 (or redis://USER:PASSWORD@host:6379)"
+                ),
+            ),
+            redis::ErrorKind::Server(ServerErrorKind::NoPerm) => (
+                ErrorKind::Backend,
+                false,
+                format!(
+                    "the Redis user of {url} lacks a permission; allow it the keys ~{prefix}:*, the channels \
+                     &{prefix}:* and the commands listed in the fenced Redis backend docs"
+                ),
+            ),
+            redis::ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::ClusterDown,
+            ) => (
+                ErrorKind::Backend,
+                true,
+                format!(
+                    "the server at {url} cannot serve locks right now ({code}: loading its data, failing over, \
+                     or a read-only replica); retry, and if it persists point the URL at the primary"
+                ),
+            ),
+            redis::ErrorKind::Io if e.is_connection_refusal() => (
+                ErrorKind::Backend,
+                true,
+                format!("connection refused; check the server is running at {url}"),
+            ),
+            redis::ErrorKind::Io if is_tls_failure(e) => (
+                ErrorKind::Backend,
+                false,
+                format!(
+                    "the TLS handshake with {url} failed; check the host name matches the server's certificate \
+                     and trust its CA with ?tls_ca=/path/ca.pem"
+                ),
+            ),
+            redis::ErrorKind::Io if e.to_string().contains("lookup address") => (
+                ErrorKind::Backend,
+                true,
+                format!("cannot resolve the host name of {url}; check the host name and the DNS"),
+            ),
+            redis::ErrorKind::Io if e.is_timeout() => (
+                ErrorKind::Backend,
+                true,
+                format!(
+                    "timed out talking to {url}; check the server is reachable, or raise ?timeout="
+                ),
+            ),
+            redis::ErrorKind::Io => (
+                ErrorKind::Backend,
+                true,
+                format!(
+                    "the connection to {url} failed; retrying may help, otherwise check the server is running \
+                     and the scheme matches the port (rediss:// for TLS)"
+                ),
+            ),
+            redis::ErrorKind::InvalidClientConfig => (
+                ErrorKind::InvalidConfig,
+                false,
+                format!("{url} cannot be used; check the host, port and database number"),
+            ),
+            _ if code == "WRONGTYPE" => (
+                ErrorKind::Backend,
+                false,
+                format!(
+                    "a key under the prefix {prefix:?} on {url} holds data that fenced did not write; another \
+                     program uses this prefix, so choose another with ?prefix="
+                ),
+            ),
+            _ if e.detail().is_some_and(|d| d.contains("switch database"))
+                || e.to_string().contains("switch database") =>
+            {
+                (
+                    ErrorKind::InvalidConfig,
+                    false,
+                    format!(
+                        "the server at {url} refused to select the database in the URL; use a database number \
+                         the server has (default 0 to 15)"
+                    ),
+                )
+            }
+            _ => (
+                ErrorKind::Backend,
+                false,
+                format!("the server at {url} answered with an error"),
+            ),
+        };
+        Error::new(kind, operation, message)
+            .transient(transient)
+            .with_source(Cause(self.scrub(&e.to_string())))
+    }
+}
+
+/// The server's error code (`NOAUTH`, `WRONGTYPE`, …), also for the first failure of a pipeline.
+fn server_code(e: &RedisError) -> Option<String> {
+    if let Some(code) = e.code() {
+        return Some(code.to_owned());
+    }
+    let errors = e.clone().into_server_errors()?;
+    errors.first().map(|(_, err)| err.code().to_owned())
+}
+
+/// Whether an I/O error is a TLS failure (bad certificate, wrong host name): not transient.
+fn is_tls_failure(e: &RedisError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    [
+        "certificate",
+        "handshake",
+        "tls",
+        "unknownissuer",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
+/// An integer in a script reply (Lua numbers arrive as integers, hash fields as strings).
+fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `owner, token, label, pttl` as returned by the scripts.
+fn holder_info(items: &[Value]) -> HolderInfo {
+    let mut info = HolderInfo::new();
+    info.owner = items
+        .first()
+        .and_then(text)
+        .and_then(|s| s.parse::<OwnerId>().ok());
+    info.token = items
+        .get(1)
+        .and_then(int)
+        .and_then(|t| u64::try_from(t).ok())
+        .map(FencingToken::new);
+    info.label = items.get(2).and_then(text);
+    info.remaining = items
+        .get(3)
+        .and_then(int)
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(Duration::from_millis);
+    info
+}
+
+/// A lease in whole milliseconds (rounded down: the server never keeps a lock longer than asked).
+fn lease_ms(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(Safety::SingleServer, Binding::Lease).with_native_wait(true)
+    }
+
+    async fn acquire(&self, request: &AcquireRequest<'_>) -> Result<Acquired> {
+        if request.mode != Mode::Exclusive {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                Operation::Acquire,
+                "the redis backend supports exclusive locks only",
+            ));
+        }
+        let names = self.key_names(request.key);
+        let ms = lease_ms(request.lease);
+        let reply = self
+            .run(
+                Operation::Acquire,
+                scripts::ACQUIRE
+                    .key(&names.lock)
+                    .key(&names.fence)
+                    .arg(request.owner.to_string())
+                    .arg(ms)
+                    .arg(request.label),
+            )
+            .await?;
+        match (reply.first().and_then(int), reply.get(1).and_then(int)) {
+            (Some(1), Some(token)) if token > 0 => Ok(Acquired::Granted(Grant::new(
+                FencingToken::new(token.unsigned_abs()),
+                Duration::from_millis(ms),
+            ))),
+            (Some(0), _) => Ok(Acquired::Held(holder_info(&reply[1..]))),
+            _ => Err(self
+                .inner
+                .context
+                .unexpected(Operation::Acquire, &Value::Array(reply))),
+        }
+    }
+
+    async fn extend(&self, lock: &LockRef<'_>, lease: Duration) -> Result<Confirm> {
+        let names = self.key_names(lock.key);
+        let reply = self
+            .run(
+                Operation::Extend,
+                scripts::EXTEND
+                    .key(&names.lock)
+                    .arg(lock.owner.to_string())
+                    .arg(lease_ms(lease)),
+            )
+            .await?;
+        self.confirm(Operation::Extend, reply)
+    }
+
+    async fn release(&self, lock: &LockRef<'_>) -> Result<Confirm> {
+        let names = self.key_names(lock.key);
+        let reply = self
+            .run(
+                Operation::Release,
+                scripts::RELEASE
+                    .key(&names.lock)
+                    .arg(lock.owner.to_string())
+                    .arg(&names.channel),
+            )
+            .await?;
+        self.confirm(Operation::Release, reply)
+    }
+
+    async fn watch(&self, key: &Key) -> Result<Box<dyn Watch>> {
+        let channel = self.key_names(key).channel;
+        Ok(Box::new(self.inner.notifier.watch(channel).await))
+    }
+
+    async fn holder(&self, key: &Key) -> Result<Option<HolderInfo>> {
+        let names = self.key_names(key);
+        let reply = self
+            .run(Operation::Admin, &scripts::HOLDER.key(&names.lock))
+            .await?;
+        self.found(reply)
+    }
+
+    async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>> {
+        let names = self.key_names(key);
+        let reply = self
+            .run(
+                Operation::Admin,
+                scripts::FORCE_RELEASE.key(&names.lock).arg(&names.channel),
+            )
+            .await?;
+        self.found(reply)
+    }
+}
+
+impl RedisBackend {
+    /// Reads the reply of the extend and release scripts.
+    fn confirm(&self, operation: Operation, reply: Vec<Value>) -> Result<Confirm> {
+        match reply.first().and_then(int) {
+            Some(1) => Ok(Confirm::Done),
+            Some(0) => Ok(Confirm::NotHeld(None)),
+            Some(2) => Ok(Confirm::NotHeld(Some(holder_info(&reply[1..])))),
+            _ => Err(self
+                .inner
+                .context
+                .unexpected(operation, &Value::Array(reply))),
+        }
+    }
+
+    /// Reads the reply of the holder and force-release scripts.
+    fn found(&self, reply: Vec<Value>) -> Result<Option<HolderInfo>> {
+        match reply.first().and_then(int) {
+            Some(0) => Ok(None),
+            Some(1) => Ok(Some(holder_info(&reply[1..]))),
+            _ => Err(self
+                .inner
+                .context
+                .unexpected(Operation::Admin, &Value::Array(reply))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inverse of [`escape`], to show that escaping loses nothing.
+    fn unescape(s: &str) -> String {
+        s.replace("%7B", "{")
+            .replace("%7D", "}")
+            .replace("%25", "%")
+    }
+
+    #[test]
+    fn escaping_round_trips_and_leaves_no_braces() {
+        for key in [
+            "plain",
+            "{",
+            "}",
+            "%",
+            "%7B",
+            "{a}{b}",
+            "%25{%}",
+            "ü{ }%7D",
+            "order:42/x",
+        ] {
+            let escaped = escape(key);
+            assert!(!escaped.contains(['{', '}']), "{key}: {escaped}");
+            assert_eq!(unescape(&escaped), key, "{escaped}");
+        }
+        // Distinct keys get distinct names.
+        assert_ne!(escape("{"), escape("%7B"));
+        assert_ne!(escape("%25"), escape("%"));
+    }
+
+    #[test]
+    fn replies_parse() {
+        let items = [
+            Value::BulkString(b"0123456789abcdef0123456789abcdef".to_vec()),
+            Value::Int(7),
+            Value::BulkString(b"worker".to_vec()),
+            Value::Int(1500),
+        ];
+        let info = holder_info(&items);
+        assert_eq!(info.token, Some(FencingToken::new(7)));
+        assert_eq!(info.label.as_deref(), Some("worker"));
+        assert_eq!(info.remaining, Some(Duration::from_millis(1500)));
+        assert!(info.owner.is_some());
+        let info = holder_info(&[
+            Value::BulkString(b"junk".to_vec()),
+            Value::Nil,
+            Value::Nil,
+            Value::Int(-1),
+        ]);
+        assert_eq!(info.owner, None);
+        assert_eq!(info.remaining, None);
+        assert_eq!(lease_ms(Duration::from_micros(1500)), 1);
+        assert_eq!(lease_ms(Duration::from_secs(30)), 30_000);
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_transient_and_redacted() {
+        // Port 1 on loopback: nothing listens there.
+        let e = RedisBackend::connect("redis://:hunter2@127.0.0.1:1/0?timeout=1s")
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::Backend, "{text}");
+        assert!(e.is_transient(), "{text}");
+        assert!(
+            text.contains("check the server is running at redis://:***@127.0.0.1:1/0"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!format!("{e:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,277 @@
+//! `redis://[user:password@]host[:port][/db][?params]` and `rediss://…` (TLS).
+//!
+//! Parameters (unknown ones are errors, so a typo is never ignored):
+//!
+//! | parameter | default | meaning |
+//! |---|---|---|
+//! | `prefix` | `fenced` | first part of every key and channel name; no `{` or `}` |
+//! | `timeout` | `2s` | how long one command may take (connect, reply) before it fails as transient |
+//! | `tls_ca` | system roots | `rediss://` only: a PEM file of the CA(s) to trust instead of the system's |
+//!
+//! Our parameters are removed before the rest of the URL is handed to the `redis` crate.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::url::redact;
+
+/// The default key prefix.
+pub(crate) const DEFAULT_PREFIX: &str = "fenced";
+/// The default per-command timeout.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The shortest per-command timeout accepted.
+const MIN_TIMEOUT: Duration = Duration::from_millis(10);
+/// The longest per-command timeout accepted.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest prefix accepted, in bytes.
+const MAX_PREFIX_LEN: usize = 128;
+/// The default Redis port.
+const DEFAULT_PORT: u16 = 6379;
+
+/// A parsed `redis://` or `rediss://` URL. Its `Debug` output never shows the password.
+#[derive(Clone)]
+pub(crate) struct RedisConfig {
+    /// The URL for the `redis` crate: our parameters removed. Contains the password: never print.
+    pub(crate) target: String,
+    /// The URL with the password replaced by `***`, for messages.
+    pub(crate) redacted: String,
+    /// `rediss://`.
+    pub(crate) tls: bool,
+    /// The password, to scrub it from any text that reaches a message.
+    pub(crate) password: Option<String>,
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    /// The `tls_ca` file and its contents.
+    pub(crate) tls_ca: Option<(PathBuf, Vec<u8>)>,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
+            .finish()
+    }
+}
+
+fn invalid(message: String) -> Error {
+    Error::new(ErrorKind::InvalidConfig, Operation::Connect, message)
+}
+
+impl RedisConfig {
+    pub(crate) fn from_url(url: &url::Url) -> Result<Self> {
+        let redacted = redact(url.as_str());
+        let tls = match url.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            other => {
+                return Err(invalid(format!(
+                    "{redacted} is not a Redis URL (scheme {other:?}); write redis://host:6379 or rediss://host:6379"
+                )));
+            }
+        };
+        let host = url.host_str().unwrap_or("");
+        if host.is_empty() {
+            return Err(invalid(format!(
+                "{redacted} names no host; write it like redis://localhost:6379/0"
+            )));
+        }
+        if url.fragment().is_some() {
+            return Err(invalid(format!(
+                "{redacted} has a #fragment, which fenced does not use (certificate checks cannot be turned \
+                 off); remove it, and trust a private CA with ?tls_ca=/path/ca.pem instead"
+            )));
+        }
+        let path = url.path().trim_start_matches('/');
+        if !path.is_empty() && path.parse::<u32>().is_err() {
+            return Err(invalid(format!(
+                "the path of {redacted} must be a database number, as in redis://host:6379/0; remove {path:?} or \
+                 replace it with a number"
+            )));
+        }
+        let password = match url.password() {
+            Some(encoded) => Some(
+                percent_encoding::percent_decode_str(encoded)
+                    .decode_utf8()
+                    .map_err(|_| {
+                        invalid(format!(
+                            "the password in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it \
+                             correctly"
+                        ))
+                    })?
+                    .into_owned(),
+            ),
+            None => None,
+        };
+        if percent_encoding::percent_decode_str(url.username())
+            .decode_utf8()
+            .is_err()
+        {
+            return Err(invalid(format!(
+                "the user name in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it correctly"
+            )));
+        }
+
+        let mut prefix = None;
+        let mut timeout = None;
+        let mut tls_ca = None;
+        for (name, value) in crate::url::query_params(url, &["prefix", "timeout", "tls_ca"])? {
+            let seen = match name.as_str() {
+                "prefix" => prefix.replace(value.clone()).is_some(),
+                "timeout" => timeout
+                    .replace(crate::url::duration_param(url, &name, &value)?)
+                    .is_some(),
+                _ => tls_ca.replace(value.clone()).is_some(),
+            };
+            if seen {
+                return Err(invalid(format!(
+                    "parameter {name} is given twice in {redacted}; keep one"
+                )));
+            }
+        }
+        let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        check_prefix(&prefix, &redacted)?;
+        let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&timeout) {
+            return Err(invalid(format!(
+                "timeout={timeout:?} in {redacted} is out of range; use between {MIN_TIMEOUT:?} and {MAX_TIMEOUT:?} \
+                 (default {DEFAULT_TIMEOUT:?})"
+            )));
+        }
+        let tls_ca = match tls_ca {
+            None => None,
+            Some(_) if !tls => {
+                return Err(invalid(format!(
+                    "tls_ca applies to TLS connections only, but {redacted} is not one; use rediss:// to connect \
+                     with TLS, or remove tls_ca"
+                )));
+            }
+            Some(path) => Some(read_ca(PathBuf::from(path))?),
+        };
+
+        let mut target = url.clone();
+        target.set_query(None);
+        target.set_fragment(None);
+        if url.port().is_none() && target.set_port(Some(DEFAULT_PORT)).is_err() {
+            return Err(invalid(format!(
+                "{redacted} cannot carry a port; write it like redis://host:6379"
+            )));
+        }
+        Ok(RedisConfig {
+            target: target.into(),
+            redacted,
+            tls,
+            password,
+            prefix,
+            timeout,
+            tls_ca,
+        })
+    }
+}
+
+fn check_prefix(prefix: &str, redacted: &str) -> Result<()> {
+    let problem = if prefix.is_empty() {
+        Some("is empty".to_owned())
+    } else if prefix.len() > MAX_PREFIX_LEN {
+        Some(format!("is longer than {MAX_PREFIX_LEN} bytes"))
+    } else if prefix.contains(['{', '}']) {
+        Some(
+            "contains { or }, which would break the hash tag that keeps one lock's keys together"
+                .to_owned(),
+        )
+    } else if prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        Some("contains spaces or control characters".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(invalid(format!(
+            "prefix={prefix:?} in {redacted} {problem}; use a short name such as prefix=myapp"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn read_ca(path: PathBuf) -> Result<(PathBuf, Vec<u8>)> {
+    let pem = std::fs::read(&path).map_err(|e| {
+        invalid(format!(
+            "cannot read the CA file tls_ca={} ({e}); check the path and its permissions",
+            path.display()
+        ))
+    })?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(invalid(format!(
+            "the CA file tls_ca={} holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA \
+             certificate in PEM format",
+            path.display()
+        )));
+    }
+    Ok((path, pem))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<RedisConfig> {
+        RedisConfig::from_url(&url::Url::parse(s).unwrap())
+    }
+
+    #[test]
+    fn defaults_and_parameters() {
+        let c = parse("redis://localhost").unwrap();
+        assert_eq!(c.prefix, "fenced");
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(c.target, "redis://localhost:6379");
+        assert!(!c.tls);
+
+        let c = parse("rediss://u:p%40ss@h:7000/3?prefix=app&timeout=500ms").unwrap();
+        assert_eq!(c.prefix, "app");
+        assert_eq!(c.timeout, Duration::from_millis(500));
+        assert_eq!(c.target, "rediss://u:p%40ss@h:7000/3");
+        assert_eq!(c.password.as_deref(), Some("p@ss"));
+        assert!(c.tls);
+        assert!(!format!("{c:?}").contains("p%40ss"));
+    }
+
+    #[test]
+    fn bad_urls_are_clear_and_redacted() {
+        for (url, expect) in [
+            ("redis://:hunter2@h/0?prefx=a", "unknown parameter"),
+            ("redis://:hunter2@h/0?prefix=a{b}", "hash tag"),
+            ("redis://:hunter2@h/0?prefix=", "is empty"),
+            ("redis://:hunter2@h/0?timeout=0s", "out of range"),
+            ("redis://:hunter2@h/0?timeout=soon", "not a duration"),
+            ("redis://:hunter2@h/zero", "database number"),
+            ("redis://:hunter2@h/0?tls_ca=/ca.pem", "rediss://"),
+            (
+                "rediss://:hunter2@h/0?tls_ca=/nonexistent/ca.pem",
+                "cannot read",
+            ),
+            ("rediss://:hunter2@h/0#insecure", "fragment"),
+            ("redis://:hunter2@h/0?prefix=a&prefix=b", "twice"),
+        ] {
+            let e = parse(url).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{url}");
+            let text = e.to_string();
+            assert!(text.contains(expect), "{url}: {text}");
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    fn ca_file_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let e = parse(&format!("rediss://h/0?tls_ca={}", path.display())).unwrap_err();
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
+    }
+}

@@ -1,0 +1,408 @@
+//! Waiting on Redis: release notifications over one pub/sub connection per backend.
+//!
+//! A background task owns the connection. [`Notifier::watch`] registers interest in a channel
+//! (reference-counted: however many local waiters watch a key, the backend subscribes to its
+//! channel once) and returns only after the server confirmed the `SUBSCRIBE`, so a release
+//! published after `watch` returned is never missed. Every message bumps the key's
+//! [`tokio::sync::watch`] counter, which wakes all of this backend's waiters for that key. When
+//! the last watch of a key is dropped, the task sends `UNSUBSCRIBE`.
+//!
+//! When the connection drops, the task reconnects with backoff, subscribes to every channel
+//! still watched, and then bumps every counter: releases published while it was away were
+//! missed, so every waiter re-checks. A half-open connection is found by a `PING` every
+//! [`PING_EVERY`] while anything is watched.
+//!
+//! If a subscription cannot be confirmed within the command timeout (server unreachable,
+//! or the Redis user may not subscribe), the watch still works in a degraded way: it also wakes
+//! after a backoff (10 ms doubling to 1 s), so waiters keep re-checking instead of failing.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{PubSub, PubSubSink, PubSubStream};
+use tokio::sync::{Notify, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::backend::Watch;
+use crate::error::Result;
+
+/// How often an idle pub/sub connection is checked while anything is watched.
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(5);
+/// Reconnect backoff bounds.
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Opens a pub/sub connection (with the backend's timeout and error mapping).
+pub(crate) type Connect = Box<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::result::Result<PubSub, String>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// The notification side of one backend: the shared subscription table and its task.
+pub(crate) struct Notifier {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.shared.state();
+        f.debug_struct("Notifier")
+            .field("watched_channels", &state.channels.len())
+            .field("subscribed_channels", &state.subscribed.len())
+            .finish()
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Tells the task that the set of watched channels changed.
+    wake: Notify,
+    timeout: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// Every channel some live watch is interested in.
+    channels: HashMap<Arc<str>, Channel>,
+    /// The channels whose subscription the server confirmed on the current connection.
+    subscribed: HashSet<Arc<str>>,
+    /// Why the last connection attempt or subscription failed, for log messages.
+    problem: Option<String>,
+    /// Whether a degraded watch was already reported since the last confirmed subscription.
+    warned: bool,
+}
+
+struct Channel {
+    refs: usize,
+    /// Bumped on every message on the channel and after every reconnect.
+    bumps: watch::Sender<u64>,
+    /// Watches waiting for the subscription to be confirmed.
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Notifier {
+    /// Starts the task on an already connected pub/sub connection; `connect` opens the next one
+    /// after a disconnect.
+    pub(crate) fn start(first: PubSub, connect: Connect, timeout: Duration) -> Notifier {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            timeout,
+        });
+        let task = tokio::spawn(run(shared.clone(), first, connect));
+        Notifier { shared, task }
+    }
+
+    /// A watch of `channel` that resolves on every message published to it. Returns once the
+    /// subscription is confirmed (or, after the timeout, a degraded watch that also backs off).
+    pub(crate) async fn watch(&self, channel: String) -> RedisWatch {
+        let channel: Arc<str> = channel.into();
+        let (rx, confirmed) = {
+            let mut state = self.shared.state();
+            let subscribed = state.subscribed.contains(&channel);
+            let entry = state
+                .channels
+                .entry(channel.clone())
+                .or_insert_with(|| Channel {
+                    refs: 0,
+                    bumps: watch::channel(0).0,
+                    waiters: Vec::new(),
+                });
+            entry.refs += 1;
+            let rx = entry.bumps.subscribe();
+            if subscribed {
+                (rx, None)
+            } else {
+                let (tx, confirmed) = oneshot::channel();
+                entry.waiters.push(tx);
+                (rx, Some(confirmed))
+            }
+        };
+        // Built before waiting, so that cancelling this future still drops the reference.
+        let mut watch = RedisWatch {
+            shared: self.shared.clone(),
+            channel,
+            rx,
+            backoff: None,
+        };
+        if let Some(confirmed) = confirmed {
+            self.shared.wake.notify_one();
+            if !matches!(
+                tokio::time::timeout(self.shared.timeout, confirmed).await,
+                Ok(Ok(()))
+            ) {
+                let (problem, first) = {
+                    let mut state = self.shared.state();
+                    (
+                        state.problem.clone(),
+                        !std::mem::replace(&mut state.warned, true),
+                    )
+                };
+                let problem = problem.as_deref().unwrap_or("no confirmation in time");
+                if first {
+                    warn!(
+                        channel = %watch.channel,
+                        problem,
+                        "fenced: redis subscription not confirmed; waiters re-check with backoff until it is"
+                    );
+                } else {
+                    debug!(channel = %watch.channel, problem, "fenced: redis subscription not confirmed");
+                }
+                watch.backoff = Some(0);
+            }
+        }
+        watch
+    }
+
+    /// How many channels are subscribed on the current connection (for diagnostics and tests).
+    pub(crate) fn subscribed_channels(&self) -> usize {
+        self.shared.state().subscribed.len()
+    }
+}
+
+/// One waiter's subscription to a key's release channel.
+pub(crate) struct RedisWatch {
+    shared: Arc<Shared>,
+    channel: Arc<str>,
+    rx: watch::Receiver<u64>,
+    /// `Some(attempt)` when the subscription was not confirmed: also wake after a backoff.
+    backoff: Option<u32>,
+}
+
+impl fmt::Debug for RedisWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisWatch")
+            .field("channel", &self.channel)
+            .field("degraded", &self.backoff.is_some())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Watch for RedisWatch {
+    async fn changed(&mut self) -> Result<()> {
+        let Some(attempt) = self.backoff else {
+            // The sender lives in the channel entry, which stays while this watch exists.
+            if self.rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            return Ok(());
+        };
+        let cap = Duration::from_millis(10)
+            .saturating_mul(1 << attempt.min(7))
+            .min(Duration::from_secs(1));
+        self.backoff = Some(attempt + 1);
+        tokio::select! {
+            _ = self.rx.changed() => {}
+            _ = tokio::time::sleep(cap / 2 + crate::options::jitter(cap / 2)) => {}
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RedisWatch {
+    fn drop(&mut self) {
+        let mut state = self.shared.state();
+        let Some(entry) = state.channels.get_mut(&self.channel) else {
+            return;
+        };
+        entry.refs -= 1;
+        if entry.refs == 0 {
+            state.channels.remove(&self.channel);
+            drop(state);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// The task: keeps the subscriptions of the current connection equal to the watched channels,
+/// delivers messages, and reconnects.
+async fn run(shared: Arc<Shared>, first: PubSub, connect: Connect) {
+    let mut next = Some(first);
+    let mut reconnected = false;
+    let mut failures: u32 = 0;
+    loop {
+        let pubsub = match next.take() {
+            Some(pubsub) => pubsub,
+            None => match connect().await {
+                Ok(pubsub) => pubsub,
+                Err(problem) => {
+                    debug!(%problem, "fenced: redis pub/sub reconnect failed");
+                    shared.state().problem = Some(problem);
+                    backoff(&mut failures).await;
+                    continue;
+                }
+            },
+        };
+        let started = tokio::time::Instant::now();
+        let (mut sink, mut stream) = pubsub.split();
+        let problem = session(&shared, &mut sink, &mut stream, reconnected).await;
+        {
+            let mut state = shared.state();
+            state.subscribed.clear();
+            state.problem = Some(problem.clone());
+        }
+        debug!(%problem, "fenced: redis pub/sub connection lost; reconnecting");
+        reconnected = true;
+        // A connection that failed at once (a refused SUBSCRIBE, say) must not make a hot loop.
+        if started.elapsed() > STABLE {
+            failures = 0;
+        }
+        backoff(&mut failures).await;
+    }
+}
+
+/// A connection that lived this long resets the reconnect backoff.
+const STABLE: Duration = Duration::from_secs(30);
+
+/// Sleeps before reconnect attempt number `failures` (jittered exponential backoff).
+async fn backoff(failures: &mut u32) {
+    let delay = RECONNECT_MIN
+        .saturating_mul(1 << (*failures).min(10))
+        .min(RECONNECT_MAX);
+    *failures += 1;
+    tokio::time::sleep(delay / 2 + crate::options::jitter(delay / 2)).await;
+}
+
+/// Serves one connection until it fails; returns why.
+async fn session(
+    shared: &Shared,
+    sink: &mut PubSubSink,
+    stream: &mut PubSubStream,
+    reconnected: bool,
+) -> String {
+    let mut bump_all = reconnected;
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.reset();
+    loop {
+        if let Err(problem) = reconcile(shared, sink).await {
+            return problem;
+        }
+        if bump_all {
+            // Resubscribed: anything published while disconnected was missed, so wake everyone.
+            bump_all = false;
+            let state = shared.state();
+            for entry in state.channels.values() {
+                entry.bumps.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            message = next_message(stream) => match message {
+                Some(message) => {
+                    let state = shared.state();
+                    if let Some(entry) = state.channels.get(message.get_channel_name()) {
+                        entry.bumps.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+                None => return "the server closed the pub/sub connection".to_owned(),
+            },
+            _ = ping.tick() => {
+                if shared.state().channels.is_empty() {
+                    continue;
+                }
+                match tokio::time::timeout(shared.timeout, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return format!("pub/sub ping failed: {e}"),
+                    Err(_) => return format!("pub/sub ping got no reply within {:?}", shared.timeout),
+                }
+            }
+        }
+    }
+}
+
+/// The next message of the connection; `None` once it is closed.
+async fn next_message(stream: &mut PubSubStream) -> Option<redis::Msg> {
+    use futures_core::Stream as _;
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+/// Unsubscribes channels nobody watches, subscribes new ones, and tells waiting watches.
+async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> std::result::Result<(), String> {
+    let (subscribe, unsubscribe) = {
+        let mut state = shared.state();
+        let state = &mut *state;
+        let unsubscribe: Vec<Arc<str>> = state
+            .subscribed
+            .iter()
+            .filter(|c| !state.channels.contains_key(*c))
+            .cloned()
+            .collect();
+        // Forget them before the command is sent: a new watch of such a channel must wait for
+        // the next SUBSCRIBE rather than trust one that is being undone.
+        for channel in &unsubscribe {
+            state.subscribed.remove(channel);
+        }
+        let subscribe: Vec<Arc<str>> = state
+            .channels
+            .keys()
+            .filter(|c| !state.subscribed.contains(*c))
+            .cloned()
+            .collect();
+        (subscribe, unsubscribe)
+    };
+    if !unsubscribe.is_empty() {
+        let names: Vec<&str> = unsubscribe.iter().map(|c| &**c).collect();
+        match tokio::time::timeout(shared.timeout, sink.unsubscribe(&names)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("UNSUBSCRIBE failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "UNSUBSCRIBE got no reply within {:?}",
+                    shared.timeout
+                ));
+            }
+        }
+    }
+    if !subscribe.is_empty() {
+        let names: Vec<&str> = subscribe.iter().map(|c| &**c).collect();
+        match tokio::time::timeout(shared.timeout, sink.subscribe(&names)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let problem = format!("SUBSCRIBE failed: {e}");
+                shared.state().problem = Some(problem.clone());
+                return Err(problem);
+            }
+            Err(_) => {
+                return Err(format!(
+                    "SUBSCRIBE got no reply within {:?}",
+                    shared.timeout
+                ));
+            }
+        }
+    }
+    let mut state = shared.state();
+    let state = &mut *state;
+    if !subscribe.is_empty() {
+        state.warned = false;
+    }
+    state.subscribed.extend(subscribe);
+    for (name, entry) in &mut state.channels {
+        if !entry.waiters.is_empty() && state.subscribed.contains(name) {
+            for waiter in entry.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+    Ok(())
+}
