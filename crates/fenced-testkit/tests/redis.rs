@@ -1,18 +1,14 @@
 //! The conformance suite on the single-node Redis backend, against the server named by
-//! `FENCED_TEST_REDIS_URL` (`scripts/test` starts it; without it every check fails, it never
-//! skips).
-//!
-//! The checks that count server commands get a private `redis-server` of their own: Redis counts
-//! commands per server (`INFO commandstats`), not per database, and other tests run against the
-//! shared server at the same time. The private server lives as long as the harness and dies with
-//! this process even if it is killed (it is stopped when its stdin pipe closes).
+//! `FENCED_TEST_REDIS_URL`. The checks that count server commands use the second server named by
+//! `FENCED_TEST_REDIS_COUNTING_URL`: Redis counts commands per server (`INFO commandstats`), not
+//! per database, and other tests use the main server at the same time. `scripts/test` starts
+//! both (and runs the counting checks one at a time); without them every check fails, none skips.
 #![cfg(feature = "redis")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use fenced_testkit::{Harness, ServerCounter, require_env};
 
@@ -20,14 +16,19 @@ fenced_testkit::conformance_tests!(harness());
 
 fn harness() -> Harness {
     let url = require_env("FENCED_TEST_REDIS_URL");
-    let private = Arc::new(PrivateRedis::start());
-    let counting_url = format!("redis://127.0.0.1:{}/0", private.port);
+    let counting_url = require_env("FENCED_TEST_REDIS_COUNTING_URL");
+    let stats = Arc::new(Mutex::new(Stats::connect(&counting_url)));
     let counter: ServerCounter = Arc::new(move || {
-        let private = private.clone();
+        let stats = stats.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || private.commands())
-                .await
-                .expect("command counter")
+            tokio::task::spawn_blocking(move || {
+                stats
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .commands()
+            })
+            .await
+            .expect("command counter")
         })
     });
     Harness::new(url, env!("CARGO_BIN_EXE_fenced-conformance-worker"))
@@ -40,85 +41,68 @@ const INSIDE_SCRIPTS: [&str; 8] = [
     "hmget", "hset", "incrby", "time", "del", "pexpire", "pttl", "publish",
 ];
 
-/// A throwaway `redis-server` on a free loopback port, without persistence or password.
-struct PrivateRedis {
-    port: u16,
-    shell: Child,
-    dir: tempfile::TempDir,
+/// One authenticated connection to the counting server, opened before any measurement so that
+/// reading the counter adds nothing but its own `INFO` (which is not counted).
+struct Stats {
+    reader: BufReader<TcpStream>,
 }
 
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let mut problem = String::new();
-        for _ in 0..3 {
-            let dir = tempfile::tempdir().expect("temporary directory");
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            // The shell starts the server and stops it as soon as its stdin closes, which happens
-            // when this process drops the harness or dies.
-            let script = format!(
-                "redis-server --bind 127.0.0.1 --port {port} --save '' --appendonly no --dir '{}' \
-                 --logfile redis.log --daemonize no & pid=$!; read _; kill $pid; wait $pid",
-                dir.path().display()
+impl Stats {
+    fn connect(url: &str) -> Stats {
+        let shown = fenced::redact(url);
+        let (user, password, address) = split_url(url)
+            .unwrap_or_else(|| panic!("FENCED_TEST_REDIS_COUNTING_URL is not redis://[user:password@]host:port/db: {shown}"));
+        let stream = TcpStream::connect(address.as_str())
+            .unwrap_or_else(|e| panic!("cannot reach the counting server {shown}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut stats = Stats {
+            reader: BufReader::new(stream),
+        };
+        if let Some(password) = password {
+            let reply = match user.as_deref() {
+                None | Some("") => stats.command(&["AUTH", &password]),
+                Some(user) => stats.command(&["AUTH", user, &password]),
+            };
+            assert!(
+                reply.starts_with(b"+OK"),
+                "the counting server {shown} refused the password"
             );
-            let shell = Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("sh");
-            let mut server = PrivateRedis { port, shell, dir };
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(5) {
-                if server.ping() {
-                    return server;
-                }
-                if let Ok(Some(_)) = server.shell.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            problem = std::fs::read_to_string(server.dir.path().join("redis.log"))
-                .unwrap_or_else(|_| "no log (is redis-server installed?)".to_owned());
         }
-        panic!(
-            "could not start a private redis-server for the command-counting checks ({problem}); \
-             scripts/test installs redis-server"
-        )
+        stats
     }
 
-    /// One inline command, its raw reply.
-    fn query(&self, command: &str) -> std::io::Result<Vec<u8>> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(format!("{command}\r\n").as_bytes())?;
-        let mut reader = BufReader::new(stream);
+    /// Sends one command, returns its reply (the body of a bulk string, else the first line).
+    fn command(&mut self, args: &[&str]) -> Vec<u8> {
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        let stream = self.reader.get_mut();
+        stream
+            .write_all(request.as_bytes())
+            .expect("write to the counting server");
         let mut first = String::new();
-        reader.read_line(&mut first)?;
-        match first.as_bytes().first() {
-            Some(b'$') => {
-                let len: usize = first[1..].trim().parse().map_err(std::io::Error::other)?;
-                let mut body = vec![0; len];
-                reader.read_exact(&mut body)?;
-                Ok(body)
+        self.reader
+            .read_line(&mut first)
+            .expect("read from the counting server");
+        match first.strip_prefix('$') {
+            Some(len) => {
+                let len: usize = len.trim().parse().expect("bulk length");
+                let mut body = vec![0; len + 2];
+                self.reader.read_exact(&mut body).expect("bulk body");
+                body.truncate(len);
+                body
             }
-            _ => Ok(first.into_bytes()),
+            None => first.into_bytes(),
         }
     }
 
-    fn ping(&self) -> bool {
-        self.query("PING").is_ok_and(|r| r.starts_with(b"+PONG"))
-    }
-
-    /// The commands clients sent so far: every `cmdstat_*` `calls` count, without the `INFO`
-    /// calls of this counter and without the commands run inside scripts.
-    fn commands(&self) -> u64 {
-        let info = self
-            .query("INFO commandstats")
-            .expect("INFO commandstats on the private server");
+    /// The commands clients sent so far: every `cmdstat_*` `calls` count, without `INFO` (this
+    /// counter) and without the commands run inside scripts.
+    fn commands(&mut self) -> u64 {
+        let info = self.command(&["INFO", "commandstats"]);
         let info = String::from_utf8_lossy(&info);
         let mut total = 0;
         for line in info.lines() {
@@ -131,21 +115,50 @@ impl PrivateRedis {
             if name == "info" || INSIDE_SCRIPTS.contains(&name) {
                 continue;
             }
-            let calls = stats
+            total += stats
                 .split(',')
                 .find_map(|kv| kv.strip_prefix("calls="))
                 .and_then(|n| n.parse::<u64>().ok())
                 .unwrap_or_else(|| panic!("unexpected commandstats line {line:?}"));
-            total += calls;
         }
         total
     }
 }
 
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        // Closing stdin makes the shell stop the server; then reap the shell.
-        drop(self.shell.stdin.take());
-        let _ = self.shell.wait();
+/// `(user, password, host:port)` of a `redis://` URL, percent-decoded.
+fn split_url(url: &str) -> Option<(Option<String>, Option<String>, String)> {
+    let rest = url.strip_prefix("redis://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => (Some(userinfo), host),
+        None => (None, authority),
+    };
+    let address = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:6379")
+    };
+    let (user, password) = match userinfo.map(|u| u.split_once(':')) {
+        Some(Some((user, password))) => (Some(decode(user)?), Some(decode(password)?)),
+        Some(None) => (userinfo.map(decode)?, None),
+        None => (None, None),
+    };
+    Some((user, password, address))
+}
+
+fn decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
     }
+    String::from_utf8(out).ok()
 }
