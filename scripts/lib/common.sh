@@ -34,6 +34,9 @@ cleanup() {
 }
 
 install_cleanup_trap() {
+  # Create the scratch directory here, in the main shell: `$(run_dir)` runs in a subshell and
+  # could not set FENCED_RUN_DIR for later calls.
+  FENCED_RUN_DIR="$(run_dir)"
   trap cleanup EXIT
   trap 'log "interrupted"; exit 130' INT
   trap 'log "terminated"; exit 143' TERM

@@ -86,7 +86,7 @@ struct RunArgs {
     /// How long the command gets between SIGTERM and SIGKILL when the lock is lost.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     grace: Duration,
-    /// A label for humans shown to other waiters (default: "<host> pid <pid>").
+    /// A label for humans shown to other waiters (default: `<host> pid <pid>`).
     #[arg(long)]
     label: Option<String>,
     /// The command and its arguments.
