@@ -18,6 +18,9 @@ use crate::options::LockOptions;
 /// is off fails with [`ErrorKind::Unsupported`] naming the feature. Passwords never appear in
 /// errors or logs.
 ///
+/// # Cancel safety
+/// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
+///
 /// ```
 /// # async fn demo() -> fenced::Result<()> {
 /// let client = fenced::connect("memory://").await?;
@@ -51,6 +54,9 @@ impl ClientBuilder {
     }
 
     /// Validates the options and connects.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn build(self) -> Result<Client> {
         self.options.validate()?;
         let url = match self.url {

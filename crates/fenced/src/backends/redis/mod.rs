@@ -104,6 +104,9 @@ impl RedisBackend {
     /// .await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn connect(url: &str) -> Result<RedisBackend> {
         let parsed = url::Url::parse(url).map_err(|e| {
             Error::new(

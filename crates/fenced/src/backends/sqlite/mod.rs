@@ -114,6 +114,9 @@ impl SqliteBackend {
     /// # Ok(()) }
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(demo()).unwrap();
     /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::with_config(SqliteConfig::new(path.as_ref().to_owned())).await
     }
@@ -132,6 +135,9 @@ impl SqliteBackend {
     /// # Ok(()) }
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(demo()).unwrap();
     /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn connect(url: &str) -> Result<Self> {
         let parsed = url::Url::parse(url).map_err(|e| {
             Error::new(
