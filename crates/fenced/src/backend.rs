@@ -183,6 +183,13 @@ pub struct HolderInfo {
     pub label: Option<String>,
     /// How long the holder's lease still runs, as the server sees it.
     pub remaining: Option<Duration>,
+    /// The locked key (set by [`Backend::list`]).
+    pub key: Option<Key>,
+    /// How long the current grant has been held, as the server sees it.
+    pub age: Option<Duration>,
+    /// How many waiters the backend knows of (for example, clients subscribed to the key's
+    /// release notifications). `None` when the backend cannot tell.
+    pub waiters: Option<u64>,
 }
 
 impl HolderInfo {
@@ -321,6 +328,19 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Administrative break of a lock whatever its owner; returns what was broken. The fencing
     /// counter is kept, so the next grant still gets a higher token.
     async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>>;
+
+    /// Every currently held lock whose key starts with `prefix` (all locks for `""`), with
+    /// [`HolderInfo::key`] set, sorted by key. For status displays; not owner-checked and not a
+    /// consistent snapshot on every backend. The default answers
+    /// [`ErrorKind::Unsupported`].
+    async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        let _ = prefix;
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            Operation::Admin,
+            format!("the {} backend cannot list its locks", self.name()),
+        ))
+    }
 }
 
 /// The fallback [`Watch`]: resolves after an exponentially growing delay (10 ms, doubling, at
@@ -372,5 +392,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>> {
         (**self).force_release(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        (**self).list(prefix).await
     }
 }

@@ -282,6 +282,40 @@ impl Client {
             .map_err(|e| e.with_operation(Operation::Admin).with_key(key.as_str()))
     }
 
+    /// Every held lock whose key starts with `prefix` (`""` for all), sorted by key, with
+    /// holder, token, remaining lease, age and waiters where the backend knows them. Works
+    /// without holding anything.
+    ///
+    /// ```
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let client = fenced::connect("memory://status-doc").await?;
+    /// let guard = client.lock("order:42").await?;
+    /// let held = client.list("order:").await?;
+    /// assert_eq!(held[0].key.as_ref().map(|k| k.as_str()), Some("order:42"));
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        if prefix.len() > crate::key::MAX_KEY_LEN || prefix.chars().any(char::is_control) {
+            return Err(Error::new(
+                ErrorKind::InvalidKey,
+                Operation::Validate,
+                format!(
+                    "the prefix must be at most {} bytes without control characters",
+                    crate::key::MAX_KEY_LEN
+                ),
+            ));
+        }
+        self.inner
+            .backend
+            .list(prefix)
+            .await
+            .map_err(|e| e.with_operation(Operation::Admin))
+    }
+
     async fn acquire(&self, key: Key, options: &LockOptions) -> Result<LockGuard> {
         let backend = &self.inner.backend;
         let started = Instant::now();

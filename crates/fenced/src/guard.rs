@@ -34,6 +34,8 @@ pub enum LostReason {
     SessionEnded,
     /// This holder released the lock (or dropped its guard).
     Released,
+    /// The guard was detached with [`LockGuard::detach`]: the lock lives on without this guard.
+    Detached,
 }
 
 impl fmt::Display for LostReason {
@@ -45,6 +47,7 @@ impl fmt::Display for LostReason {
             LostReason::MaxHoldExceeded => "the maximum hold time passed",
             LostReason::SessionEnded => "the session the lock was bound to ended",
             LostReason::Released => "the lock was released by this holder",
+            LostReason::Detached => "the guard was detached from the lock",
         })
     }
 }
@@ -286,6 +289,55 @@ impl LockGuard {
                 ))
             }
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// A lock left held on purpose by [`LockGuard::detach`]: nothing renews or releases it. It ends
+/// when its lease runs out, or when [`Client::unlock`](crate::Client::unlock) is called with its
+/// owner id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DetachedLock {
+    /// The key.
+    pub key: Key,
+    /// The owner id, needed to release it later.
+    pub owner: OwnerId,
+    /// The fencing token of the grant.
+    pub token: FencingToken,
+    /// Until when the lock is certainly held (see [`LockGuard::deadline`]).
+    pub deadline: Instant,
+}
+
+impl LockGuard {
+    /// Lets go of the guard without releasing the lock: renewal stops and nothing is sent to the
+    /// server; the lock stays held until its lease ends or someone calls
+    /// [`Client::unlock`](crate::Client::unlock) with the returned owner id. For shell scripts
+    /// that take a lock in one command and release it in another.
+    ///
+    /// An associated function rather than a method, so that it is always deliberate.
+    ///
+    /// ```
+    /// # async fn demo() -> fenced::Result<()> {
+    /// use std::time::Duration;
+    /// let client = fenced::connect("memory://detach-doc").await?;
+    /// let guard = client.lock_with("deploy", &fenced::LockOptions::new().lease(Duration::from_secs(600))).await?;
+    /// let detached = fenced::LockGuard::detach(guard);
+    /// // ... later, possibly from another task:
+    /// client.unlock("deploy", &detached.owner).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn detach(mut guard: LockGuard) -> DetachedLock {
+        if let Some(w) = guard.watchdog.take() {
+            w.abort();
+        }
+        guard.done = true;
+        guard.held.fire(LostReason::Detached);
+        DetachedLock {
+            key: guard.held.key.clone(),
+            owner: guard.held.owner,
+            token: guard.held.token,
+            deadline: guard.held.deadline(),
         }
     }
 }

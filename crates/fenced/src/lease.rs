@@ -129,7 +129,7 @@ impl Held {
                 false
             }
         });
-        if fired && reason != LostReason::Released {
+        if fired && !matches!(reason, LostReason::Released | LostReason::Detached) {
             warn!(key = %self.key, token = self.token.get(), %reason, "fenced: lock lost");
         }
     }

@@ -19,7 +19,7 @@ pub use backend::{
 };
 pub use client::Client;
 pub use error::{Error, ErrorKind, Operation, Result};
-pub use guard::{LockGuard, LockInfo, LostReason, LostSignal};
+pub use guard::{DetachedLock, LockGuard, LockInfo, LostReason, LostSignal};
 pub use key::{Key, MAX_KEY_LEN};
 pub use options::{LockOptions, MAX_LABEL_LEN, MAX_LEASE, MAX_WAIT, MIN_LEASE, RetryPolicy, Wait};
 pub use token::{FencingToken, OwnerId};

@@ -25,7 +25,7 @@ pub struct CallCounts {
     pub watch: AtomicU64,
     /// Wake-ups delivered by watches (`Watch::changed` returning).
     pub wakeups: AtomicU64,
-    /// `holder` and `force_release` calls.
+    /// `holder`, `force_release` and `list` calls.
     pub admin: AtomicU64,
 }
 
@@ -133,5 +133,9 @@ impl<B: Backend> Backend for Counting<B> {
     async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>> {
         self.counts.admin.fetch_add(1, Ordering::Relaxed);
         self.inner.force_release(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        self.counts.admin.fetch_add(1, Ordering::Relaxed);
+        self.inner.list(prefix).await
     }
 }
