@@ -63,16 +63,21 @@ struct Holder {
     owner: OwnerId,
     token: FencingToken,
     label: String,
+    /// When this grant was made (kept when the same owner refreshes it).
+    granted: Instant,
     expires: Instant,
 }
 
 impl Holder {
-    fn info(&self, now: Instant) -> HolderInfo {
+    /// What callers see of this holder; `waiters` is the number of live watches of the key.
+    fn info(&self, now: Instant, waiters: usize) -> HolderInfo {
         let mut info = HolderInfo::new();
         info.owner = Some(self.owner);
         info.token = Some(self.token);
         info.label = Some(self.label.clone());
         info.remaining = Some(self.expires.saturating_duration_since(now));
+        info.age = Some(now.saturating_duration_since(self.granted));
+        info.waiters = Some(u64::try_from(waiters).unwrap_or(u64::MAX));
         info
     }
 }
@@ -88,6 +93,12 @@ impl Entry {
     /// The holder whose lease is still running.
     fn live_holder(&self, now: Instant) -> Option<&Holder> {
         self.holder.as_ref().filter(|h| h.expires > now)
+    }
+
+    /// The live holder's information, with the number of watches of this key as its waiters.
+    fn live_info(&self, now: Instant) -> Option<HolderInfo> {
+        self.live_holder(now)
+            .map(|h| h.info(now, self.releases.receiver_count()))
     }
 
     fn notify(&self) {
@@ -185,7 +196,9 @@ impl Backend for MemoryBackend {
             .or_insert_with(Entry::new);
         if let Some(holder) = entry.live_holder(now) {
             if holder.owner != *request.owner {
-                return Ok(Acquired::Held(holder.info(now)));
+                return Ok(Acquired::Held(
+                    holder.info(now, entry.releases.receiver_count()),
+                ));
             }
         }
         let token = match entry.holder.as_mut() {
@@ -198,6 +211,7 @@ impl Backend for MemoryBackend {
                     owner: *request.owner,
                     token: FencingToken::new(next_token),
                     label: request.label.to_owned(),
+                    granted: now,
                     expires: now + request.lease,
                 });
                 state.last_token = next_token;
@@ -218,9 +232,7 @@ impl Backend for MemoryBackend {
                 h.expires = now + lease;
                 Ok(Confirm::Done)
             }
-            _ => Ok(Confirm::NotHeld(
-                entry.live_holder(now).map(|h| h.info(now)),
-            )),
+            _ => Ok(Confirm::NotHeld(entry.live_info(now))),
         }
     }
 
@@ -241,7 +253,7 @@ impl Backend for MemoryBackend {
                     Confirm::NotHeld(None)
                 }
             }
-            _ => Confirm::NotHeld(entry.live_holder(now).map(|h| h.info(now))),
+            _ => Confirm::NotHeld(entry.live_info(now)),
         };
         state.tidy(lock.key);
         Ok(reply)
@@ -258,11 +270,7 @@ impl Backend for MemoryBackend {
     async fn holder(&self, key: &Key) -> Result<Option<HolderInfo>> {
         let now = Instant::now();
         let state = self.state();
-        Ok(state
-            .keys
-            .get(key)
-            .and_then(|e| e.live_holder(now))
-            .map(|h| h.info(now)))
+        Ok(state.keys.get(key).and_then(|e| e.live_info(now)))
     }
 
     async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>> {
@@ -271,10 +279,135 @@ impl Backend for MemoryBackend {
         let Some(entry) = state.keys.get_mut(key) else {
             return Ok(None);
         };
-        let broken = entry.live_holder(now).map(|h| h.info(now));
+        let broken = entry.live_info(now);
         entry.holder = None;
         entry.notify();
         state.tidy(key);
         Ok(broken)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        let now = Instant::now();
+        let state = self.state();
+        let mut held: Vec<HolderInfo> = state
+            .keys
+            .iter()
+            .filter(|(key, _)| key.as_str().starts_with(prefix))
+            .filter_map(|(key, entry)| {
+                let mut info = entry.live_info(now)?;
+                info.key = Some(key.clone());
+                Some(info)
+            })
+            .collect();
+        drop(state);
+        held.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn key(k: &str) -> Key {
+        Key::new(k).unwrap()
+    }
+
+    async fn grant(b: &MemoryBackend, k: &Key, owner: &OwnerId, label: &str) -> FencingToken {
+        match b
+            .acquire(&AcquireRequest::new(k, owner, LEASE, label))
+            .await
+            .unwrap()
+        {
+            Acquired::Granted(g) => g.token,
+            Acquired::Held(h) => panic!("expected a grant, the lock is {h}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn age_counts_from_the_grant_and_survives_renewal() {
+        let b = MemoryBackend::isolated();
+        let (k, a) = (key("job"), OwnerId::random());
+        let token = grant(&b, &k, &a, "first").await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // A retried acquire and an extension keep the grant, so its age goes on.
+        assert_eq!(grant(&b, &k, &a, "first").await, token);
+        assert_eq!(
+            b.extend(&LockRef::new(&k, &a), LEASE).await.unwrap(),
+            Confirm::Done
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let info = b.holder(&k).await.unwrap().unwrap();
+        assert_eq!(info.age, Some(Duration::from_secs(7)));
+        assert_eq!(info.remaining, Some(LEASE - Duration::from_secs(2)));
+        let other = OwnerId::random();
+        match b
+            .acquire(&AcquireRequest::new(&k, &other, LEASE, "second"))
+            .await
+            .unwrap()
+        {
+            Acquired::Held(h) => assert_eq!(h.age, Some(Duration::from_secs(7))),
+            Acquired::Granted(g) => panic!("{g:?}"),
+        }
+        // A new grant after the lease ran out starts from zero.
+        tokio::time::advance(LEASE).await;
+        grant(&b, &k, &other, "second").await;
+        assert_eq!(
+            b.holder(&k).await.unwrap().unwrap().age,
+            Some(Duration::ZERO)
+        );
+        let broken = b.force_release(&k).await.unwrap().unwrap();
+        assert_eq!(broken.owner, Some(other));
+        assert_eq!(broken.age, Some(Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn waiters_are_the_live_watches_of_the_key() {
+        let b = MemoryBackend::isolated();
+        let (k, a) = (key("busy"), OwnerId::random());
+        grant(&b, &k, &a, "holder").await;
+        assert_eq!(b.holder(&k).await.unwrap().unwrap().waiters, Some(0));
+        let first = b.watch(&k).await.unwrap();
+        let second = b.watch(&k).await.unwrap();
+        let elsewhere = b.watch(&key("other")).await.unwrap();
+        assert_eq!(b.holder(&k).await.unwrap().unwrap().waiters, Some(2));
+        drop(first);
+        let listed = b.list("").await.unwrap();
+        assert_eq!(listed.len(), 1, "watched but free keys are not listed");
+        assert_eq!(listed[0].waiters, Some(1));
+        drop((second, elsewhere));
+        assert_eq!(b.holder(&k).await.unwrap().unwrap().waiters, Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_shows_live_holders_under_the_prefix_sorted() {
+        let b = MemoryBackend::isolated();
+        let owner = OwnerId::random();
+        for k in ["b/2", "b/10", "a/1", "b/", "bb", "b/1 ü"] {
+            grant(&b, &key(k), &owner, k).await;
+        }
+        let short = key("b/short");
+        let request = AcquireRequest::new(&short, &owner, Duration::from_secs(1), "short");
+        assert!(matches!(
+            b.acquire(&request).await.unwrap(),
+            Acquired::Granted(_)
+        ));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let listed = b.list("b/").await.unwrap();
+        let keys: Vec<&str> = listed
+            .iter()
+            .map(|i| i.key.as_ref().unwrap().as_str())
+            .collect();
+        // Sorted by the key's bytes; the expired lock is gone.
+        assert_eq!(keys, ["b/", "b/1 ü", "b/10", "b/2"]);
+        for info in &listed {
+            assert_eq!(info.label.as_deref(), info.key.as_ref().map(Key::as_str));
+            assert_eq!(info.owner, Some(owner));
+            assert_eq!(info.age, Some(Duration::from_secs(2)));
+        }
+        assert_eq!(b.list("").await.unwrap().len(), 6);
+        assert!(b.list("c").await.unwrap().is_empty());
     }
 }
