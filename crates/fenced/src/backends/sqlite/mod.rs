@@ -28,8 +28,9 @@ use wait::SharedFile;
 
 /// `PRAGMA application_id` of fenced lock files ("FENC").
 const APPLICATION_ID: i32 = 0x4645_4E43;
-/// `PRAGMA user_version` of the schema this code writes.
-const SCHEMA_VERSION: i32 = 1;
+/// `PRAGMA user_version` of the schema this code writes. Files of older versions are migrated
+/// when opened (see [`MIGRATIONS`]); files of newer versions are refused.
+const SCHEMA_VERSION: i32 = 2;
 /// Expired rows are swept after this many grants by one backend (and when a file is opened).
 const SWEEP_EVERY: u32 = 128;
 
@@ -51,9 +52,24 @@ CREATE TABLE IF NOT EXISTS fenced_locks (
     wall_expires_ms INTEGER NOT NULL,
     pid INTEGER,
     pid_start INTEGER,
-    pid_ns TEXT
+    pid_ns TEXT,
+    granted_ms INTEGER,
+    wall_granted_ms INTEGER
 ) WITHOUT ROWID;
 ";
+
+/// The steps that bring a file of schema version `from` to `from + 1`, in order. Each runs in the
+/// transaction that opens the file, together with the new `user_version`, so a file is migrated
+/// completely or not at all.
+///
+/// - 1 → 2: the time of the grant (`granted_ms` in the row's clock, `wall_granted_ms` in
+///   wall-clock milliseconds), for [`HolderInfo::age`]. Rows written before stay `NULL`: their
+///   age is unknown.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "ALTER TABLE fenced_locks ADD COLUMN granted_ms INTEGER;
+     ALTER TABLE fenced_locks ADD COLUMN wall_granted_ms INTEGER;",
+)];
 
 /// The embedded backend: a lock file shared by the processes of one machine.
 ///
@@ -188,10 +204,36 @@ impl SqliteBackend {
         T: Send + 'static,
         F: FnOnce(&Connection, &Ctx) -> rusqlite::Result<T> + Send + 'static,
     {
+        self.transaction(TransactionBehavior::Immediate, operation, Some(key), op)
+            .await
+    }
+
+    /// Runs `op` in one read transaction (`BEGIN DEFERRED`: a snapshot that does not hold up
+    /// other connections' writes in WAL mode) on a blocking thread. `op` must not write.
+    async fn read<T, F>(&self, operation: Operation, op: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Ctx) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.transaction(TransactionBehavior::Deferred, operation, None, op)
+            .await
+    }
+
+    async fn transaction<T, F>(
+        &self,
+        behavior: TransactionBehavior,
+        operation: Operation,
+        key: Option<&Key>,
+        op: F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Ctx) -> rusqlite::Result<T> + Send + 'static,
+    {
         let inner = self.inner.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut conn = inner.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.transaction_with_behavior(behavior)?;
             let ctx = Ctx::new(inner.config.release_on_exit);
             let out = op(&tx, &ctx)?;
             tx.commit()?;
@@ -203,14 +245,15 @@ impl SqliteBackend {
         })
         .await;
         let shown = self.inner.path.display().to_string();
-        match result {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(e)) => Err(
-                sql_error(operation, &shown, self.inner.config.busy_timeout, e)
-                    .with_key(key.as_str()),
-            ),
-            Err(e) => Err(join_error(operation, &shown, e).with_key(key.as_str())),
-        }
+        let error = match result {
+            Ok(Ok(out)) => return Ok(out),
+            Ok(Err(e)) => sql_error(operation, &shown, self.inner.config.busy_timeout, e),
+            Err(e) => join_error(operation, &shown, e),
+        };
+        Err(match key {
+            Some(key) => error.with_key(key.as_str()),
+            None => error,
+        })
     }
 }
 
@@ -245,7 +288,16 @@ struct Row {
     expires_ms: i64,
     wall_expires_ms: i64,
     process: Option<ProcessMark>,
+    /// When the lock was granted, in milliseconds of `clock` (`NULL` in rows written before
+    /// schema version 2).
+    granted_ms: Option<i64>,
+    /// When the lock was granted, in wall-clock milliseconds.
+    wall_granted_ms: Option<i64>,
 }
+
+/// The columns [`Row::from_sql`] reads, in its order.
+const ROW_COLUMNS: &str = "owner, token, label, lease_ms, clock, expires_ms, wall_expires_ms, \
+                           pid, pid_start, pid_ns, granted_ms, wall_granted_ms";
 
 /// Why a stored lock no longer counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,29 +309,57 @@ enum Gone {
 
 impl Row {
     fn load(conn: &Connection, key: &Key) -> rusqlite::Result<Option<Row>> {
-        conn.prepare_cached(
-            "SELECT owner, token, label, lease_ms, clock, expires_ms, wall_expires_ms, pid, pid_start, pid_ns
-             FROM fenced_locks WHERE key = ?1",
-        )?
-        .query_row([key.as_str()], |r| {
-            let pid: Option<i64> = r.get(7)?;
-            let start: Option<i64> = r.get(8)?;
-            let pid_ns: Option<String> = r.get(9)?;
-            Ok(Row {
-                owner: r.get(0)?,
-                token: r.get(1)?,
-                label: r.get(2)?,
-                lease_ms: r.get(3)?,
-                clock: r.get(4)?,
-                expires_ms: r.get(5)?,
-                wall_expires_ms: r.get(6)?,
-                process: match (pid, start, pid_ns) {
-                    (Some(pid), Some(start), Some(pid_ns)) => Some(ProcessMark { pid, start, pid_ns }),
-                    _ => None,
-                },
-            })
-        })
+        conn.prepare_cached(&format!(
+            "SELECT {ROW_COLUMNS} FROM fenced_locks WHERE key = ?1"
+        ))?
+        .query_row([key.as_str()], |r| Row::from_sql(r, 0))
         .optional()
+    }
+
+    /// Reads the [`ROW_COLUMNS`] starting at column `at` of `r`.
+    fn from_sql(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Row> {
+        let pid: Option<i64> = r.get(at + 7)?;
+        let start: Option<i64> = r.get(at + 8)?;
+        let pid_ns: Option<String> = r.get(at + 9)?;
+        Ok(Row {
+            owner: r.get(at)?,
+            token: r.get(at + 1)?,
+            label: r.get(at + 2)?,
+            lease_ms: r.get(at + 3)?,
+            clock: r.get(at + 4)?,
+            expires_ms: r.get(at + 5)?,
+            wall_expires_ms: r.get(at + 6)?,
+            process: match (pid, start, pid_ns) {
+                (Some(pid), Some(start), Some(pid_ns)) => Some(ProcessMark { pid, start, pid_ns }),
+                _ => None,
+            },
+            granted_ms: r.get(at + 10)?,
+            wall_granted_ms: r.get(at + 11)?,
+        })
+    }
+
+    /// How long ago the lock was granted, in whole milliseconds, by the same clock rules as
+    /// expiry: the row's clock when it is ours, the wall clock otherwise. `None` for rows
+    /// written before schema version 2.
+    fn age_ms(&self, now: &Now) -> Option<i64> {
+        let age = if self.clock == now.clock {
+            now.ms.saturating_sub(self.granted_ms?)
+        } else {
+            now.wall_ms.saturating_sub(self.wall_granted_ms?)
+        };
+        Some(age.max(0))
+    }
+
+    /// The grant time to store when the row is rewritten with `now.clock`: unchanged in the same
+    /// clock, carried over through the wall clock when the clock id changes (a renewal from
+    /// another time namespace).
+    fn granted_in(&self, now: &Now) -> Option<i64> {
+        if self.clock == now.clock {
+            self.granted_ms
+        } else {
+            let age = now.wall_ms.saturating_sub(self.wall_granted_ms?);
+            Some(now.ms.saturating_sub(age))
+        }
     }
 
     /// Remaining lease in milliseconds, or why the lock no longer counts.
@@ -307,19 +387,24 @@ impl Row {
         to_token(self.token)
     }
 
-    fn info(&self, remaining_ms: i64) -> HolderInfo {
+    fn info(&self, remaining_ms: i64, now: &Now) -> HolderInfo {
         let mut info = HolderInfo::new();
         info.owner = self.owner.parse().ok();
         info.token = u64::try_from(self.token).ok().map(FencingToken::new);
         info.label = Some(self.label.clone());
         let ms = remaining_ms.min(self.lease_ms).max(0);
         info.remaining = Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        info.age = self
+            .age_ms(now)
+            .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        // Waiters are per process (see wait.rs); nothing in the file counts them.
+        info.waiters = None;
         info
     }
 
     /// The holder, when the lock still counts.
     fn live_info(&self, ctx: &Ctx) -> Option<HolderInfo> {
-        self.state(ctx).ok().map(|left| self.info(left))
+        self.state(ctx).ok().map(|left| self.info(left, &ctx.now))
     }
 }
 
@@ -344,6 +429,39 @@ fn expiry(now: &Now, lease_ms: i64) -> (i64, i64) {
         now.ms.saturating_add(lease_ms).saturating_add(1),
         now.wall_ms.saturating_add(lease_ms).saturating_add(1),
     )
+}
+
+/// The stored grant time (in the clock of `now`, and in the wall clock) of a lock granted now.
+///
+/// Clocks are read in whole milliseconds (rounded down), so one extra millisecond makes the
+/// stored time no earlier than the real one: a reported age is never longer than the real age.
+fn grant_time(now: &Now) -> (i64, i64) {
+    (now.ms.saturating_add(1), now.wall_ms.saturating_add(1))
+}
+
+/// Sets the lease of the lock in `row` (held by its owner) to `lease_ms` from now, in this
+/// process's clock; the token and the grant time stay.
+fn refresh(
+    conn: &Connection,
+    key: &Key,
+    row: &Row,
+    ctx: &Ctx,
+    lease_ms: i64,
+) -> rusqlite::Result<()> {
+    let (expires, wall_expires) = expiry(&ctx.now, lease_ms);
+    conn.prepare_cached(
+        "UPDATE fenced_locks SET lease_ms = ?2, clock = ?3, expires_ms = ?4, wall_expires_ms = ?5,
+         granted_ms = ?6 WHERE key = ?1",
+    )?
+    .execute(params![
+        key.as_str(),
+        lease_ms,
+        ctx.now.clock,
+        expires,
+        wall_expires,
+        row.granted_in(&ctx.now),
+    ])?;
+    Ok(())
 }
 
 /// Issues the next token of the store-wide counter.
@@ -459,6 +577,9 @@ fn open_file(config: SqliteConfig) -> Result<Inner> {
                 .map_err(sql)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(sql)?;
+        } else if version < SCHEMA_VERSION {
+            migrate(&tx, version).map_err(sql)?;
+            debug!(path = %shown, from = version, to = SCHEMA_VERSION, "fenced: lock file schema upgraded");
         }
         let swept = sweep(&tx, &Ctx::new(config.release_on_exit)).map_err(sql)?;
         tx.commit().map_err(sql)?;
@@ -475,6 +596,17 @@ fn open_file(config: SqliteConfig) -> Result<Inner> {
         file,
         grants: AtomicU32::new(0),
     })
+}
+
+/// Brings a file of schema version `from` (at least 1) to [`SCHEMA_VERSION`], inside the
+/// caller's transaction.
+fn migrate(conn: &Connection, from: i32) -> rusqlite::Result<()> {
+    for (version, sql) in MIGRATIONS {
+        if *version >= from {
+            conn.execute_batch(sql)?;
+        }
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
 /// Fails when the file is some other application's database or has a newer schema; returns the
@@ -651,15 +783,12 @@ impl Backend for SqliteBackend {
                 if let Some(row) = Row::load(conn, &key)? {
                     match row.state(ctx) {
                         Ok(_) if row.owner == owner => {
-                            // A retry by the same owner: refresh the lease, keep the token.
-                            conn.prepare_cached(
-                                "UPDATE fenced_locks SET lease_ms = ?2, clock = ?3, expires_ms = ?4, wall_expires_ms = ?5
-                                 WHERE key = ?1",
-                            )?
-                            .execute(params![key.as_str(), ms, ctx.now.clock, expires, wall_expires])?;
+                            // A retry by the same owner: refresh the lease, keep the token and
+                            // the grant time.
+                            refresh(conn, &key, &row, ctx, ms)?;
                             return Ok(Acquired::Granted(Grant::new(row.token()?, lease)));
                         }
-                        Ok(left) => return Ok(Acquired::Held(row.info(left))),
+                        Ok(left) => return Ok(Acquired::Held(row.info(left, &ctx.now))),
                         Err(gone) => {
                             debug!(key = %key, token = row.token, reason = ?gone, "fenced: taking over a lock that no longer counts");
                         }
@@ -667,10 +796,12 @@ impl Backend for SqliteBackend {
                 }
                 let token = next_token(conn)?;
                 let process = ctx.me.as_ref().filter(|_| ctx.release_on_exit);
+                let (granted_ms, wall_granted_ms) = grant_time(&ctx.now);
                 conn.prepare_cached(
                     "INSERT OR REPLACE INTO fenced_locks
-                     (key, owner, token, label, lease_ms, clock, expires_ms, wall_expires_ms, pid, pid_start, pid_ns)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                     (key, owner, token, label, lease_ms, clock, expires_ms, wall_expires_ms, pid, pid_start, pid_ns,
+                      granted_ms, wall_granted_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 )?
                 .execute(params![
                     key.as_str(),
@@ -684,6 +815,8 @@ impl Backend for SqliteBackend {
                     process.map(|p| p.pid),
                     process.map(|p| p.start),
                     process.map(|p| p.pid_ns.as_str()),
+                    granted_ms,
+                    wall_granted_ms,
                 ])?;
                 if sweep_now {
                     sweep(conn, ctx)?;
@@ -706,16 +839,10 @@ impl Backend for SqliteBackend {
             };
             match row.state(ctx) {
                 Ok(_) if row.owner == owner => {
-                    let ms = lease_ms(lease);
-                    let (expires, wall_expires) = expiry(&ctx.now, ms);
-                    conn.prepare_cached(
-                        "UPDATE fenced_locks SET lease_ms = ?2, clock = ?3, expires_ms = ?4, wall_expires_ms = ?5
-                         WHERE key = ?1",
-                    )?
-                    .execute(params![key.as_str(), ms, ctx.now.clock, expires, wall_expires])?;
+                    refresh(conn, &key, &row, ctx, lease_ms(lease))?;
                     Ok(Confirm::Done)
                 }
-                Ok(left) => Ok(Confirm::NotHeld(Some(row.info(left)))),
+                Ok(left) => Ok(Confirm::NotHeld(Some(row.info(left, &ctx.now)))),
                 Err(_) => Ok(Confirm::NotHeld(None)),
             }
         })
@@ -734,7 +861,7 @@ impl Backend for SqliteBackend {
                     delete_row(conn, ctx, key.as_str())?;
                     Ok(Confirm::Done)
                 }
-                Ok(left) => Ok(Confirm::NotHeld(Some(row.info(left)))),
+                Ok(left) => Ok(Confirm::NotHeld(Some(row.info(left, &ctx.now)))),
                 Err(_) => {
                     // Nobody holds it: tidy the row away.
                     delete_row(conn, ctx, key.as_str())?;
@@ -773,6 +900,36 @@ impl Backend for SqliteBackend {
             };
             delete_row(conn, ctx, owned.as_str())?;
             Ok(row.live_info(ctx))
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        let prefix = prefix.to_owned();
+        self.read(Operation::Admin, move |conn, ctx| {
+            // Keys compare as bytes (BINARY collation), so the keys starting with `prefix` are
+            // the ones from `prefix` on, up to the first that does not start with it: a range
+            // of the primary key, read in order.
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT key, {ROW_COLUMNS} FROM fenced_locks WHERE key >= ?1 ORDER BY key"
+            ))?;
+            let mut rows = stmt.query([prefix.as_str()])?;
+            let mut held = Vec::new();
+            while let Some(r) = rows.next()? {
+                let name: String = r.get(0)?;
+                if !name.starts_with(prefix.as_str()) {
+                    break;
+                }
+                let Ok(key) = Key::new(&name) else {
+                    debug!(key = %name.escape_debug(), "fenced: skipping a row whose key is not a valid key");
+                    continue;
+                };
+                if let Some(mut info) = Row::from_sql(r, 1)?.live_info(ctx) {
+                    info.key = Some(key);
+                    held.push(info);
+                }
+            }
+            Ok(held)
         })
         .await
     }
@@ -1249,7 +1406,8 @@ mod tests {
         raw(&b)
             .execute_batch(
                 "BEGIN IMMEDIATE;
-                 INSERT INTO fenced_locks VALUES ('blink', 'x', 99, 'l', 1000, 'wall', 0, 0, NULL, NULL, NULL);
+                 INSERT INTO fenced_locks (key, owner, token, label, lease_ms, clock, expires_ms, wall_expires_ms)
+                 VALUES ('blink', 'x', 99, 'l', 1000, 'wall', 0, 0);
                  DELETE FROM fenced_locks WHERE key = 'blink';
                  UPDATE fenced_meta SET releases = releases + 1;
                  COMMIT;",
@@ -1298,6 +1456,263 @@ mod tests {
         assert_eq!(last.load(Ordering::SeqCst), 80);
         // Waiters were woken by releases, not by lease ends (30 s).
         assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
+    /// The schema of version 1, exactly as fenced 0.1 wrote it.
+    const SCHEMA_V1: &str = "
+        CREATE TABLE IF NOT EXISTS fenced_meta (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            last_token INTEGER NOT NULL CHECK (last_token >= 0),
+            releases INTEGER NOT NULL
+        );
+        INSERT OR IGNORE INTO fenced_meta (id, last_token, releases) VALUES (1, 0, 0);
+        CREATE TABLE IF NOT EXISTS fenced_locks (
+            key TEXT PRIMARY KEY NOT NULL,
+            owner TEXT NOT NULL,
+            token INTEGER NOT NULL,
+            label TEXT NOT NULL,
+            lease_ms INTEGER NOT NULL,
+            clock TEXT NOT NULL,
+            expires_ms INTEGER NOT NULL,
+            wall_expires_ms INTEGER NOT NULL,
+            pid INTEGER,
+            pid_start INTEGER,
+            pid_ns TEXT
+        ) WITHOUT ROWID;
+    ";
+
+    fn user_version(conn: &Connection) -> i32 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn version_1_files_are_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let old_owner = OwnerId::random();
+        // A file as fenced 0.1 left it: WAL mode, schema 1, a live lock, 41 tokens issued. Its
+        // connection stays open, as a program of the old version would keep it.
+        let old = Connection::open(&path).unwrap();
+        let _: String = old
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .unwrap();
+        old.execute_batch(SCHEMA_V1).unwrap();
+        old.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        old.pragma_update(None, "user_version", 1).unwrap();
+        // The statement fenced 0.1 grants with.
+        const V1_INSERT: &str = "INSERT OR REPLACE INTO fenced_locks
+             (key, owner, token, label, lease_ms, clock, expires_ms, wall_expires_ms, pid, pid_start, pid_ns)
+             VALUES (?1, ?2, ?3, 'written by 0.1', 60000, ?4, ?5, ?6, NULL, NULL, NULL)";
+        let v1_grant = |key: &str, token: i64| {
+            let now = liveness::now();
+            old.prepare_cached(V1_INSERT)
+                .unwrap()
+                .execute(params![
+                    key,
+                    old_owner.to_string(),
+                    token,
+                    now.clock,
+                    now.ms + 60_000,
+                    now.wall_ms + 60_000
+                ])
+                .unwrap();
+        };
+        v1_grant("old", 41);
+        old.execute("UPDATE fenced_meta SET last_token = 41", [])
+            .unwrap();
+
+        let b = SqliteBackend::open(&path).await.unwrap();
+        let conn = raw(&b);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('fenced_locks')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(columns.iter().any(|c| c == "granted_ms"), "{columns:?}");
+        assert!(
+            columns.iter().any(|c| c == "wall_granted_ms"),
+            "{columns:?}"
+        );
+
+        // The old lock is kept, still held, with an unknown age.
+        let old = b.holder(&key("old")).await.unwrap().unwrap();
+        assert_eq!(old.owner, Some(old_owner));
+        assert_eq!(old.token, Some(FencingToken::new(41)));
+        assert_eq!(old.age, None);
+        held(acquire(&b, &key("old"), &OwnerId::random(), LEASE).await);
+        // Renewing it keeps the age unknown rather than inventing one.
+        assert_eq!(
+            b.extend(&LockRef::new(&key("old"), &old_owner), LEASE)
+                .await
+                .unwrap(),
+            Confirm::Done
+        );
+        assert_eq!(b.holder(&key("old")).await.unwrap().unwrap().age, None);
+        // The token counter goes on; new grants have an age.
+        let t = granted(acquire(&b, &key("new"), &OwnerId::random(), LEASE).await);
+        assert_eq!(t, FencingToken::new(42));
+        // The old program, still running, goes on writing rows of its own kind.
+        v1_grant("older", 43);
+        let listed = b.list("").await.unwrap();
+        let ages: Vec<(&str, bool)> = listed
+            .iter()
+            .map(|i| (i.key.as_ref().unwrap().as_str(), i.age.is_some()))
+            .collect();
+        assert_eq!(ages, [("new", true), ("old", false), ("older", false)]);
+        drop(old);
+        drop(b);
+
+        // Opening the migrated file again changes nothing.
+        let b = SqliteBackend::open(&path).await.unwrap();
+        assert_eq!(user_version(&raw(&b)), SCHEMA_VERSION);
+        assert_eq!(b.list("").await.unwrap().len(), 3);
+
+        // New files are created at the current version directly.
+        let fresh = open(&dir).await;
+        assert_eq!(user_version(&raw(&fresh)), SCHEMA_VERSION);
+
+        // A file of a newer schema is still refused, and left as it is.
+        raw(&b)
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = SqliteBackend::open(&path).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{e}");
+        assert!(e.to_string().contains("newer version of fenced"), "{e}");
+        assert_eq!(user_version(&raw(&b)), SCHEMA_VERSION + 1);
+    }
+
+    #[tokio::test]
+    async fn age_counts_from_the_grant_by_the_expiry_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = open(&dir).await;
+        let (k, a) = (key("aged"), OwnerId::random());
+        let before = Instant::now();
+        granted(acquire(&b, &k, &a, LEASE).await);
+        let age = b.holder(&k).await.unwrap().unwrap().age.unwrap();
+        // Rounded so that it never exceeds the real age.
+        assert!(age <= before.elapsed(), "{age:?}");
+
+        // Pretend the grant was 5 s ago; a renewal and a retried acquire keep the grant time.
+        raw(&b)
+            .execute(
+                "UPDATE fenced_locks SET granted_ms = granted_ms - 5000, wall_granted_ms = wall_granted_ms - 5000",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            b.extend(&LockRef::new(&k, &a), LEASE).await.unwrap(),
+            Confirm::Done
+        );
+        granted(acquire(&b, &k, &a, LEASE).await);
+        let age = b.holder(&k).await.unwrap().unwrap().age.unwrap();
+        // Both ends are read in whole milliseconds: at most 2 ms short of the real age.
+        assert!(
+            age + Duration::from_millis(2) >= Duration::from_secs(5),
+            "{age:?}"
+        );
+        assert!(age <= Duration::from_secs(5) + before.elapsed(), "{age:?}");
+
+        // A row written in another clock (another time namespace, or a system without a boot
+        // clock) is aged by the wall clock, like its expiry; renewing it from here carries the
+        // grant time over into this process's clock.
+        let in_wall = Instant::now();
+        let now = liveness::now();
+        let (_, wall_granted) = super::grant_time(&now);
+        raw(&b)
+            .execute(
+                "UPDATE fenced_locks SET clock = 'wall', expires_ms = ?1, wall_expires_ms = ?1,
+                 granted_ms = -123456789, wall_granted_ms = ?2",
+                params![now.wall_ms + 60_000, wall_granted - 7_000],
+            )
+            .unwrap();
+        let age = b.holder(&k).await.unwrap().unwrap().age.unwrap();
+        assert!(
+            age + Duration::from_millis(2) >= Duration::from_secs(7),
+            "{age:?}"
+        );
+        assert!(age <= Duration::from_secs(7) + in_wall.elapsed(), "{age:?}");
+        assert_eq!(
+            b.extend(&LockRef::new(&k, &a), LEASE).await.unwrap(),
+            Confirm::Done
+        );
+        let info = b.holder(&k).await.unwrap().unwrap();
+        let age = info.age.unwrap();
+        // Wall and boot clock readings differ by up to a millisecond of rounding each.
+        assert!(
+            age + Duration::from_millis(2) >= Duration::from_secs(7),
+            "{age:?}"
+        );
+        assert!(
+            age <= Duration::from_secs(7) + in_wall.elapsed() + Duration::from_millis(2),
+            "{age:?}"
+        );
+        assert_eq!(info.waiters, None, "the file does not know its waiters");
+
+        // The holder that other owners see carries the age too.
+        let seen = held(acquire(&b, &k, &OwnerId::random(), LEASE).await);
+        assert!(seen.age.unwrap() >= age);
+        let broken = b.force_release(&k).await.unwrap().unwrap();
+        assert!(broken.age.unwrap() >= age);
+    }
+
+    #[tokio::test]
+    async fn list_reads_the_held_keys_under_a_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}/locks.db?busy_timeout=100ms",
+            dir.path().display()
+        );
+        let b = SqliteBackend::connect(&url).await.unwrap();
+        let owner = OwnerId::random();
+        // `%` and `_` would be wildcards of LIKE; U+10FFFF sorts after every other character.
+        for k in ["a", "a\u{10FFFF}", "a%", "a_", "ab", "b", "A", "`"] {
+            granted(acquire(&b, &key(k), &owner, LEASE).await);
+        }
+        granted(acquire(&b, &key("a-short"), &owner, Duration::from_millis(50)).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let keys = |listed: Vec<HolderInfo>| -> Vec<String> {
+            listed
+                .into_iter()
+                .map(|i| i.key.unwrap().as_str().to_owned())
+                .collect()
+        };
+        // The expired lock is not listed; the order is the keys' byte order.
+        assert_eq!(
+            keys(b.list("a").await.unwrap()),
+            ["a", "a%", "a_", "ab", "a\u{10FFFF}"]
+        );
+        assert_eq!(keys(b.list("a%").await.unwrap()), ["a%"]);
+        assert_eq!(keys(b.list("a\u{10FFFF}").await.unwrap()), ["a\u{10FFFF}"]);
+        assert_eq!(keys(b.list("").await.unwrap()).len(), 8);
+        assert!(b.list("c").await.unwrap().is_empty());
+
+        // A read: it does not wait for another connection's write transaction.
+        let blocker = raw(&b);
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert_eq!(b.list("b").await.unwrap().len(), 1);
+        blocker.execute_batch("ROLLBACK").unwrap();
+
+        // Locks of exited holders are not listed either.
+        #[cfg(target_os = "linux")]
+        {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let mark = liveness::mark_of(child.id());
+            child.wait().unwrap();
+            if let Some(mark) = mark {
+                raw(&b)
+                    .execute(
+                        "UPDATE fenced_locks SET pid = ?1, pid_start = ?2, pid_ns = ?3 WHERE key = 'b'",
+                        params![mark.pid, mark.start, mark.pid_ns],
+                    )
+                    .unwrap();
+                assert!(b.list("b").await.unwrap().is_empty());
+            }
+        }
     }
 
     #[tokio::test]
