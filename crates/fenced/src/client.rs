@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, debug_span};
+use tracing::{Instrument, Span, debug, debug_span, field, warn};
 
 use crate::backend::{
     AcquireRequest, Acquired, Backend, Capabilities, Confirm, HolderInfo, LockRef, Watch,
@@ -17,6 +17,7 @@ use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::guard::{LockGuard, LockInfo};
 use crate::key::Key;
 use crate::lease::{Held, HeldParts};
+use crate::observe::{MetricNames, Scope, Waiting, backend_error};
 use crate::options::{LockOptions, Wait, jitter};
 use crate::token::OwnerId;
 
@@ -48,6 +49,7 @@ struct Inner {
     backend: Arc<dyn Backend>,
     defaults: LockOptions,
     gates: Gates,
+    metric_names: MetricNames,
 }
 
 impl fmt::Debug for Client {
@@ -55,6 +57,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("backend", &self.inner.backend)
             .field("defaults", &self.inner.defaults)
+            .field("metric_names", &self.inner.metric_names)
             .finish()
     }
 }
@@ -72,13 +75,48 @@ impl Client {
 
     /// A client over a shared backend with the given default options (validated on first use).
     pub fn from_arc(backend: Arc<dyn Backend>, defaults: LockOptions) -> Client {
+        crate::observe::describe();
         Client {
             inner: Arc::new(Inner {
                 backend,
                 defaults,
                 gates: Gates::default(),
+                metric_names: MetricNames::default(),
             }),
         }
+    }
+
+    /// This client with another rule for the `lock` label of its metrics (see
+    /// [`MetricNames`]). Clones made before keep their rule; both share the backend and the local
+    /// queue of waiters.
+    ///
+    /// ```
+    /// use fenced::{Client, MetricNames};
+    /// let client = Client::new(fenced::backends::memory::MemoryBackend::isolated())
+    ///     .with_metric_names(MetricNames::fixed("jobs")?);
+    /// assert_eq!(client.metric_names().lock_name("order:42"), "jobs");
+    /// # Ok::<(), fenced::Error>(())
+    /// ```
+    pub fn with_metric_names(self, names: MetricNames) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                backend: self.inner.backend.clone(),
+                defaults: self.inner.defaults.clone(),
+                gates: self.inner.gates.clone(),
+                metric_names: names,
+            }),
+        }
+    }
+
+    /// The rule naming locks in metrics when an acquisition does not set
+    /// [`LockOptions::metric_name`].
+    ///
+    /// ```
+    /// let client = fenced::Client::new(fenced::backends::memory::MemoryBackend::isolated());
+    /// assert_eq!(client.metric_names().lock_name("order:42"), "order");
+    /// ```
+    pub fn metric_names(&self) -> &MetricNames {
+        &self.inner.metric_names
     }
 
     /// A builder: URL, default options.
@@ -174,8 +212,30 @@ impl Client {
         let key = Key::new(key.as_ref())?;
         options.validate()?;
         self.inner.backend.check_key(&key)?;
-        let span = debug_span!("fenced.acquire", key = %key, backend = self.inner.backend.name());
-        self.acquire(key, options).instrument(span).await
+        let backend = self.inner.backend.name();
+        let scope = Scope::new(
+            backend,
+            &self.inner.metric_names,
+            options.get_metric_name(),
+            &key,
+        );
+        let label = options.get_label().unwrap_or(default_label());
+        let span = debug_span!(
+            "fenced.acquire",
+            key = %key,
+            backend,
+            label,
+            outcome = field::Empty,
+            token = field::Empty,
+        );
+        let acquiring = scope.acquiring();
+        let result = self
+            .acquire(key, options, scope)
+            .instrument(span.clone())
+            .await;
+        acquiring.finish(&result);
+        record_outcome(&span, &result);
+        result
     }
 
     /// Runs `work` while holding `key`: acquires with `options`, runs the future, **cancels it if
@@ -222,7 +282,8 @@ impl Client {
             }
             out = work => {
                 if let Err(e) = guard.release().await {
-                    tracing::warn!(error = %e, "fenced: work finished but the release failed");
+                    // The release itself logged the failure at warn.
+                    debug!(error = %e, "fenced: work finished but the release failed");
                 }
                 Ok(out)
             }
@@ -240,7 +301,7 @@ impl Client {
             .backend
             .holder(&key)
             .await
-            .map_err(|e| e.with_operation(Operation::Admin))
+            .map_err(|e| self.failed(e.with_operation(Operation::Admin)))
     }
 
     /// Releases `key` if (and only if) `owner` holds it: for scripts that keep an owner id
@@ -263,7 +324,10 @@ impl Client {
                 },
             )
             .with_key(key.as_str())),
-            Err(e) => Err(e.with_operation(Operation::Release).with_key(key.as_str())),
+            Err(e) => Err(self.failed(
+                e.with_operation(Operation::Release)
+                    .with_key(key.as_str()),
+            )),
         }
     }
 
@@ -275,11 +339,15 @@ impl Client {
     pub async fn force_release(&self, key: impl AsRef<str>) -> Result<Option<HolderInfo>> {
         let key = Key::new(key.as_ref())?;
         self.inner.backend.check_key(&key)?;
-        self.inner
-            .backend
-            .force_release(&key)
-            .await
-            .map_err(|e| e.with_operation(Operation::Admin).with_key(key.as_str()))
+        let broken =
+            self.inner.backend.force_release(&key).await.map_err(|e| {
+                self.failed(e.with_operation(Operation::Admin).with_key(key.as_str()))
+            })?;
+        if broken.is_some() {
+            let names = &self.inner.metric_names;
+            Scope::new(self.inner.backend.name(), names, None, &key).forced_release();
+        }
+        Ok(broken)
     }
 
     /// Every held lock whose key starts with `prefix` (`""` for all), sorted by key, with
@@ -313,10 +381,15 @@ impl Client {
             .backend
             .list(prefix)
             .await
-            .map_err(|e| e.with_operation(Operation::Admin))
+            .map_err(|e| self.failed(e.with_operation(Operation::Admin)))
     }
 
-    async fn acquire(&self, key: Key, options: &LockOptions) -> Result<LockGuard> {
+    /// Counts a failed backend call in the metrics and hands the error back.
+    fn failed(&self, e: Error) -> Error {
+        backend_error(self.inner.backend.name(), e)
+    }
+
+    async fn acquire(&self, key: Key, options: &LockOptions, scope: Scope) -> Result<LockGuard> {
         let backend = &self.inner.backend;
         let started = Instant::now();
         let deadline = match options.get_wait() {
@@ -333,10 +406,16 @@ impl Client {
             .map_or(options.get_lease(), |m| m.min(options.get_lease()));
         let request = AcquireRequest::new(&key, &owner, lease, &label);
 
+        // Counts this acquisition in the waiters gauge from the moment it has to wait until it
+        // returns or is dropped.
+        let mut waiting: Option<Waiting> = None;
         // Local FIFO queue: only the first local waiter for a key talks to the backend.
         let _gate = if try_once {
             None
+        } else if let Some(gate) = self.inner.gates.try_enter(&key) {
+            Some(gate)
         } else {
+            waiting.get_or_insert_with(|| scope.waiting());
             match until(deadline, self.inner.gates.enter(&key)).await {
                 Some(gate) => Some(gate),
                 None => return Err(not_acquired(&key, None, started, false)),
@@ -366,6 +445,7 @@ impl Client {
                         renew: options.get_renew(),
                         renew_every: options.renew_every_setting(),
                         retry: options.get_retry(),
+                        scope,
                     });
                     return Ok(LockGuard::start(held));
                 }
@@ -375,13 +455,14 @@ impl Client {
             if try_once || deadline.is_some_and(|d| now >= d) {
                 return Err(not_acquired(&key, Some(holder), started, try_once));
             }
+            waiting.get_or_insert_with(|| scope.waiting());
             let Some(watch) = watch.as_mut() else {
                 // Subscribe first, then retry at once: a release between the failed attempt and
                 // the subscription is not missed.
                 let w = match until(deadline, backend.watch(&key)).await {
-                    Some(w) => {
-                        w.map_err(|e| e.with_operation(Operation::Wait).with_key(key.as_str()))?
-                    }
+                    Some(w) => w.map_err(|e| {
+                        self.failed(e.with_operation(Operation::Wait).with_key(key.as_str()))
+                    })?,
                     None => return Err(not_acquired(&key, Some(holder), started, false)),
                 };
                 watch = Some(w);
@@ -395,7 +476,7 @@ impl Client {
             }
             tokio::select! {
                 changed = watch.changed() => {
-                    changed.map_err(|e| e.with_operation(Operation::Wait).with_key(key.as_str()))?;
+                    changed.map_err(|e| self.failed(e.with_operation(Operation::Wait).with_key(key.as_str())))?;
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
@@ -415,9 +496,10 @@ impl Client {
             match self.inner.backend.acquire(request).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) => {
-                    let e = e
-                        .with_operation(Operation::Acquire)
-                        .with_key(request.key.as_str());
+                    let e = self.failed(
+                        e.with_operation(Operation::Acquire)
+                            .with_key(request.key.as_str()),
+                    );
                     if !e.is_transient() || attempt >= retry.get_max_retries() {
                         return Err(e);
                     }
@@ -430,6 +512,24 @@ impl Client {
                     attempt += 1;
                 }
             }
+        }
+    }
+}
+
+/// Records the outcome (and the token of a grant) on the acquire span; failures other than "held
+/// by someone else" are logged at warn with their cause.
+fn record_outcome(span: &Span, result: &Result<LockGuard>) {
+    match result {
+        Ok(guard) => {
+            span.record("outcome", "acquired");
+            span.record("token", guard.token().get());
+        }
+        Err(e) if e.kind() == ErrorKind::NotAcquired => {
+            span.record("outcome", "not_acquired");
+        }
+        Err(e) => {
+            span.record("outcome", "error");
+            warn!(parent: span, error = %e, "fenced: acquire failed");
         }
     }
 }
@@ -492,14 +592,15 @@ impl Drop for InFlight {
         let owner = self.owner;
         drop(runtime.spawn(async move {
             if let Err(e) = backend.release(&LockRef::new(&key, &owner)).await {
+                let e = backend_error(backend.name(), e.with_operation(Operation::Release));
                 debug!(key = %key, error = %e, "fenced: release after cancelled acquire failed; the lease will expire");
             }
         }));
     }
 }
 
-/// Per-key FIFO gates of one client.
-#[derive(Default)]
+/// Per-key FIFO gates of one client (clones share them).
+#[derive(Default, Clone)]
 struct Gates {
     map: Arc<Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -511,20 +612,31 @@ struct Gate {
 }
 
 impl Gates {
-    async fn enter(&self, key: &Key) -> Gate {
-        let mutex = {
-            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-            if map.len() >= 1024 && map.len().is_power_of_two() {
-                map.retain(|_, m| Arc::strong_count(m) > 1);
-            }
-            map.entry(key.clone()).or_default().clone()
-        };
-        let guard = mutex.lock_owned().await;
+    fn slot(&self, key: &Key) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= 1024 && map.len().is_power_of_two() {
+            map.retain(|_, m| Arc::strong_count(m) > 1);
+        }
+        map.entry(key.clone()).or_default().clone()
+    }
+
+    fn gate(&self, key: &Key, guard: OwnedMutexGuard<()>) -> Gate {
         Gate {
             map: self.map.clone(),
             key: key.clone(),
             guard: Some(guard),
         }
+    }
+
+    /// The gate of `key` if no other local waiter is in it.
+    fn try_enter(&self, key: &Key) -> Option<Gate> {
+        let guard = self.slot(key).try_lock_owned().ok()?;
+        Some(self.gate(key, guard))
+    }
+
+    async fn enter(&self, key: &Key) -> Gate {
+        let guard = self.slot(key).lock_owned().await;
+        self.gate(key, guard)
     }
 }
 

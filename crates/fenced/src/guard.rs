@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::warn;
 
 use crate::backend::Confirm;
 use crate::error::{Error, Operation, Result};
@@ -288,7 +289,16 @@ impl LockGuard {
                     reason,
                 ))
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                warn!(
+                    key = %self.held.key,
+                    token = self.held.token.get(),
+                    label = %self.held.label,
+                    error = %e,
+                    "fenced: release failed; retrying in the background until the lease ends"
+                );
+                Err(e)
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::backend::{Backend, Confirm, LockRef};
 use crate::error::{Error, Operation, Result};
 use crate::guard::LostReason;
 use crate::key::Key;
+use crate::observe::{Holding, Scope, backend_error};
 use crate::options::RetryPolicy;
 use crate::token::{FencingToken, OwnerId};
 
@@ -55,6 +56,10 @@ pub(crate) struct Held {
     /// Wakes the watchdog when the timing changed.
     poke: Notify,
     lost: watch::Sender<Option<LostReason>>,
+    /// The metric labels of this lock.
+    scope: Scope,
+    /// Counts this lock in the holders gauge until the lost signal fires (or this is dropped).
+    holding: Holding,
 }
 
 /// Everything needed to build a [`Held`].
@@ -75,6 +80,7 @@ pub(crate) struct HeldParts {
     pub(crate) renew: bool,
     pub(crate) renew_every: Option<Duration>,
     pub(crate) retry: RetryPolicy,
+    pub(crate) scope: Scope,
 }
 
 impl Held {
@@ -100,6 +106,8 @@ impl Held {
             extending: tokio::sync::Mutex::new(()),
             poke: Notify::new(),
             lost,
+            holding: p.scope.holding(p.sent),
+            scope: p.scope,
         })
     }
 
@@ -129,8 +137,12 @@ impl Held {
                 false
             }
         });
-        if fired && !matches!(reason, LostReason::Released | LostReason::Detached) {
-            warn!(key = %self.key, token = self.token.get(), %reason, "fenced: lock lost");
+        if !fired {
+            return;
+        }
+        self.holding.end(reason);
+        if !matches!(reason, LostReason::Released | LostReason::Detached) {
+            warn!(key = %self.key, token = self.token.get(), label = %self.label, %reason, "fenced: lock lost");
         }
     }
 
@@ -170,7 +182,10 @@ impl Held {
             .extend(&self.lock_ref(), applied)
             .instrument(span)
             .await
-            .map_err(|e| e.with_operation(operation).with_key(self.key.as_str()))?;
+            .map_err(|e| {
+                let e = e.with_operation(operation).with_key(self.key.as_str());
+                backend_error(self.backend.name(), e)
+            })?;
         match reply {
             Confirm::Done => {
                 {
@@ -206,9 +221,11 @@ impl Held {
                 match self.backend.release(&self.lock_ref()).await {
                     Ok(reply) => return Ok(reply),
                     Err(e) => {
-                        let e = e
-                            .with_operation(Operation::Release)
-                            .with_key(self.key.as_str());
+                        let e = backend_error(
+                            self.backend.name(),
+                            e.with_operation(Operation::Release)
+                                .with_key(self.key.as_str()),
+                        );
                         let give_up = !e.is_transient()
                             || attempt >= self.retry.get_max_retries()
                             || Instant::now() >= self.deadline();
@@ -293,16 +310,22 @@ pub(crate) async fn watchdog(held: Arc<Held>) {
         let lease = t.lease;
         match tokio::time::timeout_at(t.deadline, held.extend(lease, Operation::Extend)).await {
             Ok(Ok(())) => {
+                held.scope.renewed();
                 failures = 0;
                 retry_at = None;
             }
-            Ok(Err(e)) if e.lost_reason().is_some() => return,
+            Ok(Err(e)) if e.lost_reason().is_some() => {
+                held.scope.renewal_failed();
+                return;
+            }
             Ok(Err(e)) => {
+                held.scope.renewal_failed();
                 warn!(key = %held.key, error = %e, failures, "fenced: renewal failed, retrying before the lease ends");
                 retry_at = Some(Instant::now() + held.retry.delay(failures));
                 failures += 1;
             }
             Err(_elapsed) => {
+                held.scope.renewal_failed();
                 held.fire(LostReason::Expired);
                 return;
             }

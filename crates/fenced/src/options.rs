@@ -142,6 +142,7 @@ pub struct LockOptions {
     max_hold: Option<Duration>,
     retry: RetryPolicy,
     label: Option<String>,
+    metric_name: Option<String>,
 }
 
 impl Default for LockOptions {
@@ -154,6 +155,7 @@ impl Default for LockOptions {
             max_hold: None,
             retry: RetryPolicy::default(),
             label: None,
+            metric_name: None,
         }
     }
 }
@@ -216,6 +218,22 @@ impl LockOptions {
         self
     }
 
+    /// The lock name in the `lock` label of this acquisition's metrics, instead of the client's
+    /// [`MetricNames`](crate::MetricNames) rule (by default, the key's prefix before the first `:`
+    /// or `/`). 1 to [`MAX_METRIC_NAME_LEN`](crate::observe::MAX_METRIC_NAME_LEN) characters of
+    /// `A-Z a-z 0-9 _ . : -`, checked by [`validate`](LockOptions::validate). Name a family of
+    /// keys, never one id: every distinct name is a new series.
+    ///
+    /// ```
+    /// use fenced::LockOptions;
+    /// assert!(LockOptions::new().metric_name("nightly-report").validate().is_ok());
+    /// assert!(LockOptions::new().metric_name("order 42").validate().is_err());
+    /// ```
+    pub fn metric_name(mut self, name: impl Into<String>) -> Self {
+        self.metric_name = Some(name.into());
+        self
+    }
+
     /// The wait setting.
     pub fn get_wait(&self) -> Wait {
         self.wait
@@ -247,6 +265,10 @@ impl LockOptions {
     pub fn get_label(&self) -> Option<&str> {
         self.label.as_deref()
     }
+    /// The lock name for metrics, if set.
+    pub fn get_metric_name(&self) -> Option<&str> {
+        self.metric_name.as_deref()
+    }
 
     /// Checks every option; fails with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig)
     /// and a message naming the option and its allowed range.
@@ -254,7 +276,8 @@ impl LockOptions {
     /// Rules: `MIN_LEASE <= lease <= MAX_LEASE`; `wait <= MAX_WAIT`; `renew_every` in
     /// `[lease/100, lease/2]`; `MIN_LEASE <= max_hold <= MAX_WAIT`; with renewal off, a maximum
     /// hold time longer than the lease is contradictory (the lock cannot outlive its lease);
-    /// labels at most [`MAX_LABEL_LEN`] bytes without control characters.
+    /// labels at most [`MAX_LABEL_LEN`] bytes without control characters; metric names as
+    /// described at [`metric_name`](LockOptions::metric_name).
     pub fn validate(&self) -> Result<()> {
         if self.lease < MIN_LEASE || self.lease > MAX_LEASE {
             return Err(Error::invalid_config(format!(
@@ -299,6 +322,9 @@ impl LockOptions {
                 )));
             }
         }
+        if let Some(name) = &self.metric_name {
+            crate::observe::validate_metric_name(name, "metric_name")?;
+        }
         self.retry.validate()
     }
 }
@@ -322,6 +348,9 @@ mod tests {
             LockOptions::new().label("a\nb"),
             LockOptions::new().label("x".repeat(MAX_LABEL_LEN + 1)),
             LockOptions::new().retry(RetryPolicy::new().backoff(Duration::ZERO, Duration::ZERO)),
+            LockOptions::new().metric_name(""),
+            LockOptions::new().metric_name("order 42"),
+            LockOptions::new().metric_name("x".repeat(65)),
         ];
         for options in bad {
             let e = options.validate().unwrap_err();

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crate::client::Client;
 use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::observe::MetricNames;
 use crate::options::LockOptions;
 
 /// Connects to the lock store named by `url`.
@@ -33,11 +34,12 @@ pub async fn connect(url: &str) -> Result<Client> {
 }
 
 /// Builds a [`Client`]: an optional URL (default: the embedded SQLite file, see
-/// [`default_url`]) and default [`LockOptions`].
+/// [`default_url`]), default [`LockOptions`] and the [`MetricNames`] rule.
 #[derive(Debug, Default, Clone)]
 pub struct ClientBuilder {
     url: Option<String>,
     options: LockOptions,
+    metric_names: MetricNames,
 }
 
 impl ClientBuilder {
@@ -53,6 +55,24 @@ impl ClientBuilder {
         self
     }
 
+    /// How locks are named in the `lock` label of metrics, when an acquisition does not set
+    /// [`LockOptions::metric_name`]. Default: [`MetricNames::key_prefix`] (`order:42` →
+    /// `order`, keys without `:` or `/` → `other`).
+    ///
+    /// ```
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let client = fenced::Client::builder()
+    ///     .url("memory://")
+    ///     .metric_names(fenced::MetricNames::full_key())
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn metric_names(mut self, names: MetricNames) -> Self {
+        self.metric_names = names;
+        self
+    }
+
     /// Validates the options and connects.
     ///
     /// # Cancel safety
@@ -64,7 +84,7 @@ impl ClientBuilder {
             None => default_url()?,
         };
         let backend = open(&url).await?;
-        Ok(Client::from_arc(backend, self.options))
+        Ok(Client::from_arc(backend, self.options).with_metric_names(self.metric_names))
     }
 }
 

@@ -1,7 +1,7 @@
-#![cfg(feature = "redis")]
 //! The Redis backend against a real server. `scripts/test` starts one and exports
 //! `FENCED_TEST_REDIS_URL` and `FENCED_TEST_REDISS_URL`; without them these tests fail (they
 //! never skip silently).
+#![cfg(feature = "redis")]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -460,7 +460,7 @@ async fn pubsub_reconnect_resubscribes_and_waiters_still_wake() {
         .arg(format!("&{prefix}:*"))
         .arg(
             "+evalsha +eval +script|load +ping +subscribe +unsubscribe +select +hmget +hset +incrby \
-             +time +del +pexpire +pttl +publish"
+             +time +del +pexpire +pttl +publish +scan +pubsub|numsub"
                 .split_whitespace()
                 .collect::<Vec<_>>(),
         )
@@ -494,6 +494,11 @@ async fn pubsub_reconnect_resubscribes_and_waiters_still_wake() {
             tokio::spawn(async move { waiter.lock(key).await.map(|g| g.token()) })
         };
         wait_numsub(&mut conn, &channel, 1, "the waiter subscribed").await;
+        // The documented permissions cover the status commands too.
+        let listed = waiter.list("").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].token, Some(guard_token));
+        assert_eq!(listed[0].waiters, Some(1));
         let killed: i64 = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("USER")
@@ -592,4 +597,377 @@ async fn waiting_degrades_to_backoff_when_subscribing_fails() {
         .query_async(&mut conn)
         .await
         .unwrap();
+}
+
+/// A backend whose prefix (the `prefix` URL parameter) is `prefix`, percent-encoded in the URL.
+async fn backend_with_prefix(prefix: &str) -> RedisBackend {
+    let encoded: String = prefix
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let backend = RedisBackend::connect(&with_params(&redis_url(), &format!("prefix={encoded}")))
+        .await
+        .expect("connect to FENCED_TEST_REDIS_URL");
+    assert_eq!(backend.prefix(), prefix);
+    backend
+}
+
+fn listed_keys(listed: &[fenced::HolderInfo]) -> Vec<&str> {
+    listed
+        .iter()
+        .map(|info| info.key.as_ref().expect("list sets the key").as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn list_escapes_glob_characters_and_decodes_keys() {
+    // Glob metacharacters in the backend's own prefix too; a second backend whose prefix the
+    // unescaped pattern would match holds a key that must not show up.
+    let n = rand::random::<u32>();
+    let backend = backend_with_prefix(&format!("fenced-test-list[*]?\\-{n}")).await;
+    let decoy = backend_with_prefix(&format!("fenced-test-list*X-{n}")).await;
+    let client = Client::new(backend.clone());
+    let keys = [
+        "job:",
+        "job:1",
+        "job:1 x",
+        "job:{2}",
+        "job:%7B",
+        "job:%",
+        "job:*",
+        "job:?",
+        "job:[a]",
+        "job:a",
+        "job:\\",
+        "job:}:lock",
+        "job:x}:fence",
+        "jobs",
+        "other:1",
+    ];
+    let mut guards = Vec::new();
+    for key in keys {
+        guards.push(client.lock(key).await.unwrap());
+    }
+    let decoy_guard = Client::new(decoy.clone()).lock("job:1").await.unwrap();
+    let list = |prefix: &'static str| {
+        let backend = backend.clone();
+        async move { backend.list(prefix).await.unwrap() }
+    };
+
+    let mut expected: Vec<&str> = keys
+        .iter()
+        .copied()
+        .filter(|k| k.starts_with("job:"))
+        .collect();
+    expected.sort_unstable();
+    let all = list("job:").await;
+    assert_eq!(listed_keys(&all), expected);
+    for (info, guard) in all.iter().zip(expected.iter().map(|k| {
+        guards
+            .iter()
+            .find(|g| g.key().as_str() == *k)
+            .expect("a guard per key")
+    })) {
+        assert_eq!(info.owner, Some(guard.owner()));
+        assert_eq!(info.token, Some(guard.token()));
+    }
+    // Each of these would match more keys if the prefix were not escaped (as a key, then as a
+    // glob), or fewer if escaped keys were not decoded.
+    assert_eq!(listed_keys(&list("job:*").await), ["job:*"]);
+    assert_eq!(listed_keys(&list("job:?").await), ["job:?"]);
+    assert_eq!(listed_keys(&list("job:[a]").await), ["job:[a]"]);
+    assert_eq!(listed_keys(&list("job:\\").await), ["job:\\"]);
+    assert_eq!(listed_keys(&list("job:%").await), ["job:%", "job:%7B"]);
+    assert_eq!(listed_keys(&list("job:{").await), ["job:{2}"]);
+    assert_eq!(listed_keys(&list("job:}").await), ["job:}:lock"]);
+    assert_eq!(listed_keys(&list("job:1").await), ["job:1", "job:1 x"]);
+    assert_eq!(list("").await.len(), keys.len());
+    assert!(list("job:nothing").await.is_empty());
+    assert_eq!(listed_keys(&decoy.list("").await.unwrap()), ["job:1"]);
+
+    // Names under the prefix that fenced did not write as lock hashes are skipped: a hash
+    // without an owner (as a lock released between SCAN and the read looks) and a name whose
+    // escaping fenced cannot have written.
+    let mut conn = raw().await;
+    let p = backend.prefix().to_owned();
+    for name in [
+        format!("{p}:{{job:ghost}}:lock"),
+        format!("{p}:{{job:%zz}}:lock"),
+    ] {
+        let _: i64 = redis::cmd("HSET")
+            .arg(&name)
+            .arg("something")
+            .arg("else")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(list("job:").await.len(), expected.len());
+
+    // Released keys go; their fence keys stay and are never listed.
+    for guard in guards {
+        guard.release().await.unwrap();
+    }
+    decoy_guard.release().await.unwrap();
+    assert!(list("").await.is_empty());
+    let fences: Vec<String> = redis::cmd("KEYS")
+        .arg(format!(
+            "{}:*:fence",
+            p.replace(['[', ']', '*', '?', '\\'], "?")
+        ))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(fences.len() >= keys.len(), "{fences:?}");
+
+    // A key under the prefix of another type is someone else's data: a clear error.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{p}:{{job:string}}:lock"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = backend.list("job:").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(
+        e.to_string().contains("another program uses this prefix"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn list_walks_the_whole_keyspace_in_steps() {
+    let backend = backend("list-many").await;
+    let owner = fenced::OwnerId::random();
+    let count = 1200; // more than one SCAN step of 500
+    let mut keys: Vec<String> = (0..count).map(|i| format!("many:{i}")).collect();
+    for key in &keys {
+        let key = Key::new(key).unwrap();
+        let reply = backend
+            .acquire(&fenced::AcquireRequest::new(
+                &key,
+                &owner,
+                Duration::from_secs(60),
+                "many",
+            ))
+            .await
+            .unwrap();
+        assert!(matches!(reply, fenced::Acquired::Granted(_)));
+    }
+    let listed = backend.list("many:").await.unwrap();
+    keys.sort_unstable();
+    assert_eq!(listed_keys(&listed), keys);
+    assert!(listed.iter().all(|i| i.owner == Some(owner)));
+    for key in &keys {
+        backend
+            .force_release(&Key::new(key).unwrap())
+            .await
+            .unwrap();
+    }
+    assert!(backend.list("").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn age_is_measured_by_the_server_from_the_grant() {
+    let backend = backend("age").await;
+    let key = Key::new("aged").unwrap();
+    let names = backend.key_names(&key);
+    let owner = fenced::OwnerId::random();
+    let mut conn = raw().await;
+    let request = fenced::AcquireRequest::new(&key, &owner, Duration::from_secs(30), "aged");
+    let before = Instant::now();
+    assert!(matches!(
+        backend.acquire(&request).await.unwrap(),
+        fenced::Acquired::Granted(_)
+    ));
+    let age = backend.holder(&key).await.unwrap().unwrap().age.unwrap();
+    assert!(age <= before.elapsed(), "{age:?}");
+
+    // The grant time is the server's, in microseconds; move it 5 s back.
+    let granted: i64 = redis::cmd("HGET")
+        .arg(&names.lock)
+        .arg("granted")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    assert!(granted <= secs * 1_000_000 + micros);
+    let _: i64 = redis::cmd("HSET")
+        .arg(&names.lock)
+        .arg("granted")
+        .arg(granted - 5_000_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A renewal and a retried acquire by the same owner keep the grant.
+    assert_eq!(
+        backend
+            .extend(&fenced::LockRef::new(&key, &owner), Duration::from_secs(30))
+            .await
+            .unwrap(),
+        fenced::Confirm::Done
+    );
+    assert!(matches!(
+        backend.acquire(&request).await.unwrap(),
+        fenced::Acquired::Granted(_)
+    ));
+    let age = backend.holder(&key).await.unwrap().unwrap().age.unwrap();
+    assert!(age >= Duration::from_secs(5), "{age:?}");
+    assert!(age <= Duration::from_secs(5) + before.elapsed(), "{age:?}");
+    // Other owners see it too.
+    let other = fenced::OwnerId::random();
+    match backend
+        .acquire(&fenced::AcquireRequest::new(
+            &key,
+            &other,
+            Duration::from_secs(30),
+            "x",
+        ))
+        .await
+        .unwrap()
+    {
+        fenced::Acquired::Held(info) => assert!(info.age.unwrap() >= Duration::from_secs(5)),
+        granted => panic!("{granted:?}"),
+    }
+    match backend
+        .release(&fenced::LockRef::new(&key, &other))
+        .await
+        .unwrap()
+    {
+        fenced::Confirm::NotHeld(Some(info)) => {
+            assert!(info.age.unwrap() >= Duration::from_secs(5))
+        }
+        c => panic!("{c:?}"),
+    }
+
+    // A grant time in the future (the server's clock was set back) reads as 0, not as garbage.
+    let _: i64 = redis::cmd("HSET")
+        .arg(&names.lock)
+        .arg("granted")
+        .arg(granted + 3_600_000_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.holder(&key).await.unwrap().unwrap().age,
+        Some(Duration::ZERO)
+    );
+    // A lock written by a version that stored no grant time has an unknown age.
+    let _: i64 = redis::cmd("HDEL")
+        .arg(&names.lock)
+        .arg("granted")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(backend.holder(&key).await.unwrap().unwrap().age, None);
+    assert_eq!(backend.list("").await.unwrap()[0].age, None);
+    let broken = backend.force_release(&key).await.unwrap().unwrap();
+    assert_eq!(broken.owner, Some(owner));
+    assert_eq!(broken.age, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_count_subscribed_clients_not_tasks() {
+    let backend = backend("waiters").await;
+    let prefix = backend.prefix().to_owned();
+    let key = "busy";
+    let holder = Client::new(backend.clone());
+    let guard = holder.lock(key).await.unwrap();
+    let waiters = || {
+        let holder = holder.clone();
+        async move { holder.holder(key).await.unwrap().unwrap().waiters }
+    };
+    assert_eq!(waiters().await, Some(0));
+
+    // Two more backends (two service instances): three tasks wait on one, one on the other.
+    let url = with_params(&redis_url(), &format!("prefix={prefix}"));
+    let mut tasks = Vec::new();
+    for tasks_on_client in [3, 1] {
+        let client = Client::new(RedisBackend::connect(&url).await.unwrap());
+        for _ in 0..tasks_on_client {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let guard = client.lock(key).await.unwrap();
+                guard.release().await.unwrap();
+            }));
+        }
+    }
+    eventually(Duration::from_secs(10), "both clients counted", || async {
+        waiters().await == Some(2)
+    })
+    .await;
+    let listed = holder.list("").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].waiters, Some(2));
+    let broken = holder.force_release(key).await.unwrap().unwrap();
+    assert_eq!(broken.waiters, Some(2));
+    for task in tasks {
+        timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    drop(guard);
+
+    // Once nobody waits, a new holder has none.
+    let again = holder.lock(key).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the waiters unsubscribed",
+        || async { waiters().await == Some(0) },
+    )
+    .await;
+    again.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_user_without_scan_or_numsub_gets_clear_answers() {
+    // The permissions of the documented ACL line except the two used only for status: holder
+    // still works (without a waiter count), list fails with a message naming the problem.
+    let prefix = prefix("acl-list");
+    let user = format!("fenced-test-{}", rand::random::<u32>());
+    let secret = format!("pw-{:016x}", rand::random::<u64>());
+    let mut conn = raw().await;
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(format!(">{secret}"))
+        .arg(format!("~{prefix}:*"))
+        .arg(format!("&{prefix}:*"))
+        .arg(
+            "+evalsha +eval +script|load +ping +subscribe +unsubscribe +select +hmget +hset +incrby \
+             +time +del +pexpire +pttl +publish"
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+        )
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(&redis_url()).unwrap();
+    url.set_username(&user).unwrap();
+    url.set_password(Some(&secret)).unwrap();
+    url.set_query(Some(&format!("prefix={prefix}")));
+    let client = fenced::connect(url.as_str()).await.unwrap();
+    let guard = client.lock("k").await.unwrap();
+    let info = client.holder("k").await.unwrap().unwrap();
+    assert_eq!(info.token, Some(guard.token()));
+    assert!(info.age.is_some());
+    assert_eq!(info.waiters, None);
+    let e = client.list("").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(e.to_string().contains("lacks a permission"), "{e}");
+    assert!(!e.to_string().contains(&secret), "{e}");
+    let broken = client.force_release("k").await.unwrap().unwrap();
+    assert_eq!(broken.waiters, None);
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    drop(guard);
 }

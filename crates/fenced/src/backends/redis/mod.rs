@@ -530,7 +530,7 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
-/// `owner, token, label, pttl` as returned by the scripts.
+/// `owner, token, label, pttl[, age[, waiters]]` as returned by the scripts.
 fn holder_info(items: &[Value]) -> HolderInfo {
     let mut info = HolderInfo::new();
     info.owner = items
@@ -548,8 +548,69 @@ fn holder_info(items: &[Value]) -> HolderInfo {
         .and_then(int)
         .and_then(|ms| u64::try_from(ms).ok())
         .map(Duration::from_millis);
+    info.age = items
+        .get(4)
+        .and_then(int)
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(Duration::from_millis);
+    info.waiters = items
+        .get(5)
+        .and_then(int)
+        .and_then(|n| u64::try_from(n).ok());
     info
 }
+
+/// `%25` → `%`, `%7B` → `{`, `%7D` → `}`: the inverse of [`escape`]. `None` for text that
+/// [`escape`] cannot have produced (a brace, or another `%` sequence), so only names fenced
+/// wrote decode.
+fn unescape(escaped: &str) -> Option<String> {
+    if escaped.contains(['{', '}']) {
+        return None;
+    }
+    let mut out = String::with_capacity(escaped.len());
+    let mut rest = escaped;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at..at + 3)?;
+        out.push(match code {
+            "%25" => '%',
+            "%7B" => '{',
+            "%7D" => '}',
+            _ => return None,
+        });
+        rest = &rest[at + 3..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// `text` with the glob metacharacters of `SCAN MATCH` (`*`, `?`, `[`, `]`, `\`) escaped by a
+/// backslash, so that the pattern matches `text` literally.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 4);
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The `SCAN MATCH` pattern of the lock hashes of `backend_prefix` whose keys start with
+/// `prefix`: the key prefix is escaped like a key, then glob metacharacters are escaped (in the
+/// backend's prefix too). Fence keys (`…}:fence`) do not match.
+fn lock_pattern(backend_prefix: &str, prefix: &str) -> String {
+    format!(
+        "{}:{{{}*}}:lock",
+        glob_escape(backend_prefix),
+        glob_escape(&escape(prefix))
+    )
+}
+
+/// How many keys one `SCAN` step asks the server to look at: each step is a short command,
+/// however large the database.
+const SCAN_COUNT: usize = 500;
 
 /// A lease in whole milliseconds (rounded down: the server never keeps a lock longer than asked).
 fn lease_ms(lease: Duration) -> u64 {
@@ -636,7 +697,10 @@ impl Backend for RedisBackend {
     async fn holder(&self, key: &Key) -> Result<Option<HolderInfo>> {
         let names = self.key_names(key);
         let reply = self
-            .run(Operation::Admin, &scripts::HOLDER.key(&names.lock))
+            .run(
+                Operation::Admin,
+                scripts::HOLDER.key(&names.lock).arg(&names.channel),
+            )
             .await?;
         self.found(reply)
     }
@@ -651,9 +715,131 @@ impl Backend for RedisBackend {
             .await?;
         self.found(reply)
     }
+
+    /// `SCAN`s the database for lock hashes under the prefix (never `KEYS`, which blocks the
+    /// server), then reads each batch's holders with one pipeline of holder scripts.
+    async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
+        let pattern = lock_pattern(self.prefix(), prefix);
+        let mut cursor = String::from("0");
+        let mut held = Vec::new();
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(&cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let mut conn = self.inner.conn.clone();
+            let reply: Value = self
+                .timed(Operation::Admin, scan.query_async(&mut conn))
+                .await?;
+            let (next, names) = self.scan_reply(reply)?;
+            let keys: Vec<Key> = names
+                .iter()
+                .filter_map(|name| self.key_of_lock_name(name))
+                .filter(|key| key.as_str().starts_with(prefix))
+                .collect();
+            if !keys.is_empty() {
+                held.extend(self.holders(keys).await?);
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        // SCAN may return a key more than once.
+        held.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        held.dedup_by(|a, b| a.key == b.key);
+        Ok(held)
+    }
 }
 
 impl RedisBackend {
+    /// The key whose lock hash is called `name`, or `None` when `name` is not such a name
+    /// (written by another program under the prefix, or not UTF-8).
+    fn key_of_lock_name(&self, name: &[u8]) -> Option<Key> {
+        let escaped = std::str::from_utf8(name)
+            .ok()?
+            .strip_prefix(self.prefix())?
+            .strip_prefix(":{")?
+            .strip_suffix("}:lock")?;
+        Key::new(unescape(escaped)?).ok()
+    }
+
+    /// The cursor and key names of a `SCAN` reply.
+    fn scan_reply(&self, reply: Value) -> Result<(String, Vec<Vec<u8>>)> {
+        if let Value::Array(items) = &reply {
+            if let [cursor, Value::Array(names)] = items.as_slice() {
+                let names: Option<Vec<Vec<u8>>> = names
+                    .iter()
+                    .map(|n| match n {
+                        Value::BulkString(bytes) => Some(bytes.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if let (Some(cursor), Some(names)) = (text(cursor), names) {
+                    return Ok((cursor, names));
+                }
+            }
+        }
+        Err(self.inner.context.unexpected(Operation::Admin, &reply))
+    }
+
+    /// The holders of `keys`, read by one pipeline: the holder script is loaded first (so the
+    /// `EVALSHA`s after it cannot miss it), then run once per key. Keys released since the
+    /// `SCAN` saw them are left out.
+    async fn holders(&self, keys: Vec<Key>) -> Result<Vec<HolderInfo>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&scripts::HOLDER.source)
+            .ignore();
+        for key in &keys {
+            let names = self.key_names(key);
+            pipe.cmd("EVALSHA")
+                .arg(scripts::HOLDER.get_hash())
+                .arg(1)
+                .arg(&names.lock)
+                .arg(&names.channel);
+        }
+        let mut conn = self.inner.conn.clone();
+        let replies: Vec<Value> = self
+            .timed(Operation::Admin, pipe.query_async(&mut conn))
+            .await?;
+        if replies.len() != keys.len() {
+            return Err(self
+                .inner
+                .context
+                .unexpected(Operation::Admin, &Value::Array(replies)));
+        }
+        let mut held = Vec::with_capacity(keys.len());
+        for (key, reply) in keys.into_iter().zip(replies) {
+            let items = match reply {
+                Value::Array(items) => items,
+                other => return Err(self.inner.context.unexpected(Operation::Admin, &other)),
+            };
+            if let Some(mut info) = self.found(items)? {
+                info.key = Some(key);
+                held.push(info);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Awaits one command or pipeline within the timeout, mapping its errors.
+    async fn timed<T>(
+        &self,
+        operation: Operation,
+        request: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T> {
+        let context = &self.inner.context;
+        match tokio::time::timeout(context.config.timeout, request).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(context.error(operation, &e)),
+            Err(_) => Err(context.timed_out(operation)),
+        }
+    }
+
     /// Reads the reply of the extend and release scripts.
     fn confirm(&self, operation: Operation, reply: Vec<Value>) -> Result<Confirm> {
         match reply.first().and_then(int) {
@@ -684,13 +870,6 @@ impl RedisBackend {
 mod tests {
     use super::*;
 
-    /// The inverse of [`escape`], to show that escaping loses nothing.
-    fn unescape(s: &str) -> String {
-        s.replace("%7B", "{")
-            .replace("%7D", "}")
-            .replace("%25", "%")
-    }
-
     #[test]
     fn escaping_round_trips_and_leaves_no_braces() {
         for key in [
@@ -706,11 +885,47 @@ mod tests {
         ] {
             let escaped = escape(key);
             assert!(!escaped.contains(['{', '}']), "{key}: {escaped}");
-            assert_eq!(unescape(&escaped), key, "{escaped}");
+            assert_eq!(unescape(&escaped).as_deref(), Some(key), "{escaped}");
         }
         // Distinct keys get distinct names.
         assert_ne!(escape("{"), escape("%7B"));
         assert_ne!(escape("%25"), escape("%"));
+        // Only what `escape` writes decodes: anything else is not a fenced name.
+        for foreign in ["{", "a}b", "%", "%2", "%41", "%7b", "50%"] {
+            assert_eq!(unescape(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn escaped_prefixes_are_prefixes_of_escaped_keys() {
+        // What lets `list` match the escaped prefix: escaping maps each character on its own
+        // and no escape sequence is the start of another, so `key` starts with `prefix` exactly
+        // when escape(key) starts with escape(prefix).
+        let samples = [
+            "", "%", "{", "}", "%7", "%7B", "a", "a%", "a%2", "a{", "ab", "%25",
+        ];
+        for key in samples {
+            for prefix in samples {
+                assert_eq!(
+                    escape(key).starts_with(&*escape(prefix)),
+                    key.starts_with(prefix),
+                    "key {key:?}, prefix {prefix:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn glob_metacharacters_are_escaped() {
+        assert_eq!(glob_escape("plain:key/1 x"), "plain:key/1 x");
+        assert_eq!(glob_escape(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+        assert_eq!(glob_escape("{%}^-!"), "{%}^-!");
+        assert_eq!(lock_pattern("fenced", ""), "fenced:{*}:lock");
+        assert_eq!(lock_pattern("fenced", "job:"), "fenced:{job:*}:lock");
+        assert_eq!(
+            lock_pattern("app*", "a{*}%?[x]\\"),
+            r"app\*:{a%7B\*%7D%25\?\[x\]\\*}:lock"
+        );
     }
 
     #[test]
@@ -720,12 +935,26 @@ mod tests {
             Value::Int(7),
             Value::BulkString(b"worker".to_vec()),
             Value::Int(1500),
+            Value::Int(250),
+            Value::Int(3),
         ];
         let info = holder_info(&items);
         assert_eq!(info.token, Some(FencingToken::new(7)));
         assert_eq!(info.label.as_deref(), Some("worker"));
         assert_eq!(info.remaining, Some(Duration::from_millis(1500)));
+        assert_eq!(info.age, Some(Duration::from_millis(250)));
+        assert_eq!(info.waiters, Some(3));
         assert!(info.owner.is_some());
+        // Older locks have no grant time; a user without PUBSUB NUMSUB gets no waiter count.
+        let info = holder_info(&[
+            Value::BulkString(b"0123456789abcdef0123456789abcdef".to_vec()),
+            Value::Int(7),
+            Value::BulkString(b"worker".to_vec()),
+            Value::Int(1500),
+            Value::Nil,
+            Value::Nil,
+        ]);
+        assert_eq!((info.age, info.waiters), (None, None));
         let info = holder_info(&[
             Value::BulkString(b"junk".to_vec()),
             Value::Nil,

@@ -6,22 +6,77 @@
 //!
 //! | script | reply |
 //! |---|---|
-//! | acquire | `{1, token}` granted (new or refreshed) · `{0, owner, token, label, pttl}` held by another |
-//! | extend, release | `{1}` done · `{0}` not held by anyone · `{2, owner, token, label, pttl}` held by another |
-//! | holder | `{0}` free · `{1, owner, token, label, pttl}` |
-//! | force release | `{0}` free · `{1, owner, token, label, pttl}` what was broken |
+//! | acquire | `{1, token}` granted (new or refreshed) · `{0, owner, token, label, pttl, age}` held by another |
+//! | extend, release | `{1}` done · `{0}` not held by anyone · `{2, owner, token, label, pttl, age}` held by another |
+//! | holder | `{0}` free · `{1, owner, token, label, pttl, age, waiters}` |
+//! | force release | `{0}` free · `{1, owner, token, label, pttl, age, waiters}` what was broken |
 //!
 //! `pttl` is the server's `PTTL` of the lock key in milliseconds (negative when the key has no
-//! expiry). Tokens come from `INCRBY` on the fence key, which has no expiry and is never
-//! deleted, so a key's tokens keep increasing across grants, releases and forced releases; each
-//! new token is also at least the server's time in microseconds (see [`ACQUIRE`]).
+//! expiry). `age` is how long ago the grant was made, in whole milliseconds of the server's
+//! clock (`TIME` now minus the `granted` field the acquire script stored, in microseconds), or
+//! nil for a lock written by a version that did not store it. `waiters` is `PUBSUB NUMSUB` of
+//! the key's release channel (clients subscribed), or nil when the Redis user may not run it;
+//! only the administrative scripts ask for it, so the hot paths run no extra command. Tokens
+//! come from `INCRBY` on the fence key, which has no expiry and is never deleted, so a key's
+//! tokens keep increasing across grants, releases and forced releases; each new token is also
+//! at least the server's time in microseconds (see [`ACQUIRE`]).
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
+/// Lua functions shared by the scripts that report a holder (prepended to their source).
+///
+/// `age_ms(granted)`: milliseconds since `granted` (server microseconds), rounded down, never
+/// negative (the server's clock may have been set back); `false` (nil) when unknown.
+/// `waiters(channel)`: subscribers of `channel`, or `false` when `PUBSUB NUMSUB` is refused (an
+/// ACL user without it): the count is optional, the lock operation must not fail for it.
+const HOLDER_FUNCTIONS: &str = r"
+local function age_ms(granted)
+    local since = tonumber(granted)
+    if not since then
+        return false
+    end
+    local now = redis.call('TIME')
+    local age = math.floor((tonumber(now[1]) * 1000000 + tonumber(now[2]) - since) / 1000)
+    if age < 0 then
+        return 0
+    end
+    return age
+end
+local function waiters(channel)
+    local reply = redis.pcall('PUBSUB', 'NUMSUB', channel)
+    if type(reply) == 'table' and type(reply[2]) == 'number' then
+        return reply[2]
+    end
+    return false
+end
+";
+
+/// A script made of [`HOLDER_FUNCTIONS`] and `body`, with its full source for `SCRIPT LOAD`.
+pub(crate) struct Lua {
+    pub(crate) source: String,
+    pub(crate) script: Script,
+}
+
+impl Lua {
+    fn with_functions(body: &str) -> Lua {
+        let source = format!("{HOLDER_FUNCTIONS}{body}");
+        let script = Script::new(&source);
+        Lua { source, script }
+    }
+}
+
+impl std::ops::Deref for Lua {
+    type Target = Script;
+    fn deref(&self) -> &Script {
+        &self.script
+    }
+}
+
 /// `KEYS[1]` lock hash, `KEYS[2]` fence counter; `ARGV[1]` owner, `ARGV[2]` lease in ms,
-/// `ARGV[3]` label.
+/// `ARGV[3]` label. A new grant stores the server time in microseconds as `granted`; a refresh
+/// by the same owner keeps it.
 ///
 /// A new token is `max(last + 1, server time in µs)`: it is above the last token of this counter,
 /// and also above every token issued before by a counter that was since lost (a restart without
@@ -29,7 +84,7 @@ use redis::Script;
 /// the server's clock did not go back. `replicate_commands` (needed before a write that follows
 /// `TIME` on Redis before 5; a no-op since) is called only where it exists.
 const ACQUIRE_LUA: &str = r"
-local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label')
+local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
     if redis.replicate_commands then
         redis.replicate_commands()
@@ -43,7 +98,7 @@ if not lock[1] then
     end
     local token = redis.call('INCRBY', KEYS[2], step)
     redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'label', ARGV[3])
+    redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'label', ARGV[3], 'granted', micros)
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, token}
 end
@@ -51,13 +106,13 @@ if lock[1] == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, tonumber(lock[2])}
 end
-return {0, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1])}
+return {0, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4])}
 ";
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_LUA));
+pub(crate) static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(ACQUIRE_LUA));
 
 /// `KEYS[1]` lock hash; `ARGV[1]` owner, `ARGV[2]` lease in ms.
 const EXTEND_LUA: &str = r"
-local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label')
+local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
     return {0}
 end
@@ -65,13 +120,13 @@ if lock[1] == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1}
 end
-return {2, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1])}
+return {2, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4])}
 ";
-pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(EXTEND_LUA));
+pub(crate) static EXTEND: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(EXTEND_LUA));
 
 /// `KEYS[1]` lock hash; `ARGV[1]` owner, `ARGV[2]` release channel.
 const RELEASE_LUA: &str = r"
-local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label')
+local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
     return {0}
 end
@@ -80,30 +135,36 @@ if lock[1] == ARGV[1] then
     redis.call('PUBLISH', ARGV[2], lock[2] or '')
     return {1}
 end
-return {2, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1])}
+return {2, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4])}
 ";
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+pub(crate) static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(RELEASE_LUA));
 
-/// `KEYS[1]` lock hash.
+/// `KEYS[1]` lock hash; `ARGV[1]` release channel. Read-only; also used, pipelined, by `list`.
 const HOLDER_LUA: &str = r"
-local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label')
+local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
     return {0}
 end
-return {1, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1])}
+return {1, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4]), waiters(ARGV[1])}
 ";
-pub(crate) static HOLDER: LazyLock<Script> = LazyLock::new(|| Script::new(HOLDER_LUA));
+pub(crate) static HOLDER: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(HOLDER_LUA));
 
-/// `KEYS[1]` lock hash; `ARGV[1]` release channel. Keeps the fence counter.
+/// `KEYS[1]` lock hash; `ARGV[1]` release channel. Keeps the fence counter. `TIME` and
+/// `PUBSUB` come before the writes, so commands are replicated as effects (see [`ACQUIRE`]).
 const FORCE_RELEASE_LUA: &str = r"
-local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label')
+local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
     return {0}
+end
+if redis.replicate_commands then
+    redis.replicate_commands()
 end
 local pttl = redis.call('PTTL', KEYS[1])
+local age = age_ms(lock[4])
+local waiting = waiters(ARGV[1])
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[1], lock[2] or '')
-return {1, lock[1], lock[2], lock[3], pttl}
+return {1, lock[1], lock[2], lock[3], pttl, age, waiting}
 ";
-pub(crate) static FORCE_RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(FORCE_RELEASE_LUA));
+pub(crate) static FORCE_RELEASE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::with_functions(FORCE_RELEASE_LUA));
