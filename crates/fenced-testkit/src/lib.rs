@@ -145,7 +145,9 @@ macro_rules! conformance_tests {
             deadline_counts_from_grant,
             cancel_safety,
             waiting_is_notification_driven,
-            bad_input_no_io
+            bad_input_no_io,
+            list_shows_holders,
+            waiters_show_while_clients_wait
         );
     };
     (@tests $harness:expr; $($name:ident),* $(,)?) => {

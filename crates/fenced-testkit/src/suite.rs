@@ -790,3 +790,284 @@ pub async fn bad_input_no_io(h: &Harness) {
     assert!(!guard.is_lost());
     guard.release().await.expect("release");
 }
+
+/// `list(prefix)` shows exactly the locks held under `prefix` — keys with characters that
+/// backends escape or treat as patterns included — sorted by key, with their tokens, labels,
+/// owners, remaining lease and age; released locks disappear and other prefixes never show.
+///
+/// The age is checked by ordering only: it is at most the time since just before the grant was
+/// asked for, and at least the time from the grant's reply to the listing, less 2 ms (backends
+/// may read both ends in whole milliseconds, rounded down).
+pub async fn list_shows_holders(h: &Harness) {
+    const ROUNDING: Duration = Duration::from_millis(2);
+    let a = h.client().await;
+    let b = h.client().await;
+    let base = unique_key("list");
+    let prefix = format!("{base}/k*?[x] {{%\\");
+    // The prefix itself is a key too, and "1" is a prefix of "1 2".
+    let suffixes = [
+        "", "1", "1 2", "{tag}", "}{", "50%", "%7B", "*", "?", "[ab]", "\\", " ", "_",
+    ];
+    // Held, never listed under `prefix`: a key one character short of it, keys that `prefix`
+    // would match as a glob (SCAN MATCH) or LIKE pattern, one that differs in case only.
+    let decoys = [
+        format!("{base}/k*?[x] {{%"),
+        format!("{base}/kZZx {{%\\"),
+        format!("{base}/k*?[x] {{A\\"),
+        format!("{base}/K*?[x] {{%\\"),
+        format!("{base}/other"),
+    ];
+    let lease = secs(30);
+    let options = |label: &str| LockOptions::new().lease(lease).label(label);
+
+    struct Held {
+        guard: fenced::LockGuard,
+        label: String,
+        before: Instant,
+        after: Instant,
+    }
+    let mut held = Vec::new();
+    for (i, suffix) in suffixes.iter().enumerate() {
+        let key = format!("{prefix}{suffix}");
+        let label = format!("list holder {i}");
+        let client = if i % 2 == 0 { &a } else { &b };
+        let before = Instant::now();
+        let guard = within(10, "acquire", client.lock_with(&key, &options(&label)))
+            .await
+            .unwrap_or_else(|e| panic!("acquire {key:?}: {e}"));
+        held.push(Held {
+            guard,
+            label,
+            before,
+            after: Instant::now(),
+        });
+    }
+    let mut decoy_guards = Vec::new();
+    for key in &decoys {
+        decoy_guards.push(a.lock_with(key, &options("decoy")).await.expect("acquire"));
+    }
+    // Let the locks age a little, so that an age that is not measured shows.
+    tokio::time::sleep(ms(50)).await;
+
+    let admin = h.client().await;
+    let check = |listed: &[fenced::HolderInfo],
+                 held: &[Held],
+                 sent: Instant,
+                 done: Instant,
+                 what: &str| {
+        let mut expected: Vec<&Held> = held.iter().collect();
+        expected.sort_by(|x, y| x.guard.key().cmp(y.guard.key()));
+        let keys: Vec<&str> = listed
+            .iter()
+            .map(|i| i.key.as_ref().map_or("<no key>", |k| k.as_str()))
+            .collect();
+        let want: Vec<&str> = expected.iter().map(|e| e.guard.key().as_str()).collect();
+        assert_eq!(keys, want, "{what}: listed keys");
+        for (info, e) in listed.iter().zip(&expected) {
+            let key = e.guard.key().as_str();
+            assert_eq!(
+                info.token,
+                Some(e.guard.token()),
+                "{what}: token of {key:?}"
+            );
+            assert_eq!(
+                info.owner,
+                Some(e.guard.owner()),
+                "{what}: owner of {key:?}"
+            );
+            assert_eq!(
+                info.label.as_deref(),
+                Some(e.label.as_str()),
+                "{what}: label of {key:?}"
+            );
+            let remaining = info.remaining.expect("list reports the remaining lease");
+            assert!(
+                remaining > Duration::ZERO && remaining <= lease,
+                "{what}: {key:?} has {remaining:?} left of a {lease:?} lease"
+            );
+            if let Some(age) = info.age {
+                assert!(
+                    age <= done - e.before,
+                    "{what}: {key:?} is {age:?} old, but was asked for {:?} before the listing ended",
+                    done - e.before
+                );
+                assert!(
+                    age + ROUNDING >= sent - e.after,
+                    "{what}: {key:?} is {age:?} old, but was granted {:?} before the listing began",
+                    sent - e.after
+                );
+            }
+        }
+    };
+
+    let sent = Instant::now();
+    let first = within(30, "list", admin.list(&prefix)).await.expect("list");
+    let done = Instant::now();
+    check(&first, &held, sent, done, "first listing");
+    let age_of = |listed: &[fenced::HolderInfo], key: &fenced::Key| {
+        listed
+            .iter()
+            .find(|i| i.key.as_ref() == Some(key))
+            .and_then(|i| i.age)
+    };
+
+    // A renewal keeps the grant: the age goes on. Released locks disappear.
+    held[1].guard.extend(lease).await.expect("extend");
+    let gone: Vec<Held> = vec![held.remove(0), held.remove(2)];
+    for g in gone {
+        g.guard.release().await.expect("release");
+    }
+    let sent = Instant::now();
+    let second = within(30, "list", admin.list(&prefix)).await.expect("list");
+    let done = Instant::now();
+    check(
+        &second,
+        &held,
+        sent,
+        done,
+        "after renewing one lock and releasing two",
+    );
+    for e in &held {
+        if let (Some(before), Some(now)) = (
+            age_of(&first, e.guard.key()),
+            age_of(&second, e.guard.key()),
+        ) {
+            assert!(
+                now >= before,
+                "{:?}: the age went from {before:?} back to {now:?}",
+                e.guard.key()
+            );
+        }
+    }
+
+    // Nothing under a prefix nobody uses.
+    assert_eq!(
+        admin.list(&format!("{base}/nothing")).await.expect("list"),
+        Vec::new()
+    );
+    // Under the common prefix: the remaining keys and the decoys, sorted; "" lists them too.
+    let mut expected: Vec<String> = held
+        .iter()
+        .map(|e| e.guard.key().as_str().to_owned())
+        .chain(decoys.iter().cloned())
+        .collect();
+    expected.sort_unstable();
+    let listed: Vec<String> = admin
+        .list(&format!("{base}/"))
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|i| i.key.expect("key").as_str().to_owned())
+        .collect();
+    assert_eq!(listed, expected);
+    let everything = within(60, "list everything", admin.list(""))
+        .await
+        .expect("list");
+    assert!(
+        everything.windows(2).all(|w| w[0].key < w[1].key),
+        "list(\"\") is not sorted by key, or repeats a key"
+    );
+    for key in &expected {
+        assert!(
+            everything
+                .iter()
+                .any(|i| i.key.as_ref().map(|k| k.as_str()) == Some(key.as_str())),
+            "list(\"\") misses {key:?}"
+        );
+    }
+
+    for e in held {
+        e.guard.release().await.expect("release");
+    }
+    for guard in decoy_guards {
+        guard.release().await.expect("release");
+    }
+    assert!(
+        admin
+            .list(&format!("{base}/"))
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+/// A backend that reports waiters (`HolderInfo::waiters` is `Some`) reports none while nobody
+/// waits, counts a client waiting on the key, and forgets it once it stopped waiting.
+pub async fn waiters_show_while_clients_wait(h: &Harness) {
+    let key = unique_key("waiters");
+    let holder = h.client().await;
+    let admin = h.client().await;
+    let guard = holder
+        .lock_with(&key, &LockOptions::new().lease(secs(30)))
+        .await
+        .expect("acquire");
+    let waiters = || {
+        let (admin, key) = (admin.clone(), key.clone());
+        async move {
+            admin
+                .holder(&key)
+                .await
+                .expect("holder")
+                .expect("the lock is held")
+                .waiters
+        }
+    };
+    let counted = waiters().await;
+    if let Some(n) = counted {
+        assert_eq!(n, 0, "waiters reported while nobody waits");
+    }
+
+    let (granted_tx, granted_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let waiter = {
+        let (client, key) = (h.client().await, key.clone());
+        tokio::spawn(async move {
+            let guard = client
+                .lock_with(&key, &LockOptions::new().wait(secs(60)))
+                .await
+                .expect("waiter acquire");
+            let _ = granted_tx.send(());
+            let _ = release_rx.await;
+            guard.release().await.expect("waiter release");
+        })
+    };
+    match counted {
+        Some(_) => {
+            let seen = within(30, "the waiting client being counted", async {
+                loop {
+                    match waiters().await {
+                        Some(0) => tokio::time::sleep(ms(10)).await,
+                        Some(n) => return n,
+                        None => panic!("waiters went from Some to None"),
+                    }
+                }
+            })
+            .await;
+            assert_eq!(seen, 1, "one client with one task waits");
+            let listed = admin.list(&key).await.expect("list");
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0].waiters, Some(1), "list and holder disagree");
+        }
+        None => {
+            tokio::time::sleep(ms(200)).await;
+            assert_eq!(waiters().await, None, "waiters went from None to Some");
+        }
+    }
+    guard.release().await.expect("release");
+    within(30, "the waiter acquiring", granted_rx)
+        .await
+        .expect("waiter granted");
+    // The former waiter holds the lock now and nobody waits any more.
+    if counted.is_some() {
+        within(30, "the former waiter no longer counted", async {
+            while waiters().await != Some(0) {
+                tokio::time::sleep(ms(10)).await;
+            }
+        })
+        .await;
+    }
+    let _ = release_tx.send(());
+    within(30, "the waiter finishing", waiter)
+        .await
+        .expect("waiter task");
+}
