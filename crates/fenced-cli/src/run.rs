@@ -1,45 +1,172 @@
 //! `fenced run`: hold a lock while a command runs.
 
+use std::ffi::OsString;
 use std::io::ErrorKind as IoErrorKind;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rustix::process::{Pid, Signal, kill_process};
+use clap::ValueEnum;
+use fenced::LockOptions;
+use rustix::process::{Pid, Signal, kill_process_group};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
-use crate::{RunArgs, connect, error_code, exit, options};
+use crate::{
+    Ui, connect_or_exit, error_code, exit, parse_duration, print_acquire_error, print_error,
+    waiting,
+};
+
+/// Arguments of `fenced run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// The lock key (the name of what you protect), e.g. order:42 or nightly-report.
+    #[arg(long)]
+    pub(crate) key: String,
+    /// How long to wait for a held lock: 0 tries once; default: wait as long as it takes.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) wait: Option<Duration>,
+    /// Lease: how long the lock lasts without renewal (renewed every lease/3 while the command runs).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub(crate) lease: Duration,
+    /// Do not renew the lease: the lock ends after --lease even if the command still runs.
+    #[arg(long)]
+    pub(crate) no_renew: bool,
+    /// Hard cap on the total hold time; the command is stopped when it passes.
+    #[arg(long, value_parser = parse_duration)]
+    pub(crate) max_hold: Option<Duration>,
+    /// What to do with the command when the lock is lost: term (SIGTERM, then SIGKILL after
+    /// --grace), kill (SIGKILL at once), ignore (report it and let the command finish).
+    #[arg(long, value_enum, default_value_t = OnLost::Term)]
+    pub(crate) on_lost: OnLost,
+    /// How long the command gets between SIGTERM and SIGKILL when the lock is lost.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub(crate) grace: Duration,
+    /// A label for humans shown to waiters and by `fenced status` (default: `<host> pid <pid>`).
+    #[arg(long)]
+    pub(crate) label: Option<String>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464) while the command runs.
+    #[arg(long)]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+    /// The `lock` label of the metrics (default: the key up to its first `:` or `/`, else
+    /// `other`); 1-64 characters of A-Z a-z 0-9 _ . : -
+    #[arg(long)]
+    pub(crate) metric_name: Option<String>,
+    /// The command and its arguments.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub(crate) command: Vec<OsString>,
+}
+
+/// What `fenced run` does with the command when the lock is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OnLost {
+    /// SIGTERM, then SIGKILL after --grace; exit 79.
+    Term,
+    /// SIGKILL at once; exit 79.
+    Kill,
+    /// Report it on stderr and let the command finish; exit with its status.
+    Ignore,
+}
+
+/// Lock options from `fenced run` flags.
+fn options(args: &RunArgs) -> LockOptions {
+    let mut options = LockOptions::new().lease(args.lease).renew(!args.no_renew);
+    options = match args.wait {
+        Some(wait) => options.wait(wait),
+        None => options.wait_forever(),
+    };
+    if let Some(max) = args.max_hold {
+        options = options.max_hold(max);
+    }
+    if let Some(label) = &args.label {
+        options = options.label(label.clone());
+    }
+    if let Some(name) = &args.metric_name {
+        options = options.metric_name(name.clone());
+    }
+    options
+}
+
+/// Finds `program` the way `execvp` would: a path if it contains `/`, else in `$PATH`.
+fn resolve(program: &OsString) -> Result<PathBuf, String> {
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let shown = program.to_string_lossy();
+    let as_path = Path::new(program);
+    if shown.contains('/') {
+        return if executable(as_path) {
+            Ok(as_path.to_owned())
+        } else if as_path.exists() {
+            Err(format!("{shown:?} is not an executable file"))
+        } else {
+            Err(format!("command not found: {shown:?}"))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(as_path))
+        .find(|p| executable(p))
+        .ok_or_else(|| format!("command not found: {shown:?} (not in PATH)"))
+}
 
 /// Runs `fenced run` and returns the exit code.
-pub(crate) async fn run(url: Option<&str>, args: RunArgs) -> u8 {
+pub(crate) async fn run(url: Option<&str>, args: RunArgs, ui: Ui) -> u8 {
+    // A typo in the command must not take (and hold) the lock: check it first.
+    if let Err(e) = resolve(&args.command[0]) {
+        print_error(format_args!("{e}; the lock was not taken"));
+        return exit::USAGE;
+    }
     let options = options(&args);
-    let client = match connect(url).await {
-        Ok(client) => client,
-        Err(e) => {
-            eprintln!("fenced: {e}");
-            return error_code(&e);
+    if let Err(e) = options.validate() {
+        print_error(&e);
+        return error_code(&e);
+    }
+    if let Some(addr) = args.metrics_addr {
+        if let Err(e) = crate::serve_metrics(addr) {
+            print_error(format_args!("cannot serve metrics on {addr}: {e}"));
+            return exit::USAGE;
         }
+    }
+    let client = match connect_or_exit(url).await {
+        Ok(client) => client,
+        Err(code) => return code,
     };
     let (Ok(mut sigint), Ok(mut sigterm)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
     ) else {
-        eprintln!("fenced: cannot install signal handlers");
+        print_error("cannot install signal handlers");
         return exit::INTERNAL;
     };
+    let acquire = waiting::with_progress(
+        ui,
+        &client,
+        &args.key,
+        client.lock_with(&args.key, &options),
+    );
     let guard = tokio::select! {
-        acquired = client.lock_with(&args.key, &options) => match acquired {
+        acquired = acquire => match acquired {
             Ok(guard) => guard,
             Err(e) => {
-                eprintln!("fenced: {e}");
+                print_acquire_error(&e, &args.key, args.wait);
                 return error_code(&e);
             }
         },
         _ = sigint.recv() => {
-            eprintln!("fenced: interrupted while waiting for {:?}; the command was not run", args.key);
+            print_error(format_args!("interrupted while waiting for {:?}; the command was not run", args.key));
             return 130;
         }
         _ = sigterm.recv() => {
-            eprintln!("fenced: terminated while waiting for {:?}; the command was not run", args.key);
+            print_error(format_args!("terminated while waiting for {:?}; the command was not run", args.key));
             return 143;
         }
     };
@@ -50,6 +177,8 @@ pub(crate) async fn run(url: Option<&str>, args: RunArgs) -> u8 {
         .env("FENCED_KEY", guard.key().as_str())
         .env("FENCED_TOKEN", guard.token().to_string())
         .env("FENCED_OWNER", guard.owner().to_string())
+        // Its own process group, so that stopping it also stops what it started.
+        .process_group(0)
         .spawn();
     let mut child = match spawned {
         Ok(child) => child,
@@ -58,17 +187,18 @@ pub(crate) async fn run(url: Option<&str>, args: RunArgs) -> u8 {
                 IoErrorKind::NotFound => exit::NOT_FOUND,
                 _ => exit::CANNOT_EXECUTE,
             };
-            eprintln!("fenced: cannot run {:?}: {e}", args.command[0]);
+            print_error(format_args!("cannot run {:?}: {e}", args.command[0]));
             if let Err(e) = guard.release().await {
-                eprintln!("fenced: {e}");
+                print_error(&e);
             }
             return code;
         }
     };
     let pid = child.id().and_then(|id| Pid::from_raw(id as i32));
+    // Signals go to the command's whole process group (the command and its children).
     let send = |sig: Signal| {
         if let Some(pid) = pid {
-            let _ = kill_process(pid, sig);
+            let _ = kill_process_group(pid, sig);
         }
     };
 
@@ -81,13 +211,27 @@ pub(crate) async fn run(url: Option<&str>, args: RunArgs) -> u8 {
             status = child.wait() => break status,
             reason = &mut lost, if lost_reason.is_none() => {
                 lost_reason = Some(reason);
-                eprintln!(
-                    "fenced: lock {:?} lost ({reason}); stopping the command: SIGTERM now, SIGKILL in {}",
-                    args.key,
-                    humantime::format_duration(args.grace)
-                );
-                send(Signal::TERM);
-                kill_at = Some(Instant::now() + args.grace);
+                match args.on_lost {
+                    OnLost::Term => {
+                        print_error(format_args!(
+                            "lock {:?} lost ({reason}); stopping the command: SIGTERM now, SIGKILL in {}",
+                            args.key,
+                            humantime::format_duration(args.grace)
+                        ));
+                        send(Signal::TERM);
+                        kill_at = Some(Instant::now() + args.grace);
+                    }
+                    OnLost::Kill => {
+                        print_error(format_args!("lock {:?} lost ({reason}); killing the command (SIGKILL)", args.key));
+                        send(Signal::KILL);
+                    }
+                    OnLost::Ignore => {
+                        print_error(format_args!(
+                            "lock {:?} lost ({reason}); the command keeps running (--on-lost ignore) without mutual exclusion",
+                            args.key
+                        ));
+                    }
+                }
             }
             _ = sleep_until(kill_at), if kill_at.is_some() => {
                 send(Signal::KILL);
@@ -105,21 +249,29 @@ pub(crate) async fn run(url: Option<&str>, args: RunArgs) -> u8 {
             .or_else(|| status.signal().map(|s| 128u8.wrapping_add(s as u8)))
             .unwrap_or(exit::INTERNAL),
         Err(e) => {
-            eprintln!("fenced: lost track of the command: {e}");
+            print_error(format_args!("lost track of the command: {e}"));
             exit::INTERNAL
         }
     };
     if lost_reason.is_some() {
-        return exit::LOST;
+        return if args.on_lost == OnLost::Ignore {
+            code
+        } else {
+            exit::LOST
+        };
     }
     match released {
         Ok(()) => code,
         Err(e) if e.kind() == fenced::ErrorKind::Lost => {
-            eprintln!("fenced: {e}");
-            if code == 0 { exit::LOST } else { code }
+            print_error(&e);
+            if code == 0 && args.on_lost != OnLost::Ignore {
+                exit::LOST
+            } else {
+                code
+            }
         }
         Err(e) => {
-            eprintln!("fenced: warning: {e}");
+            ui.notice(format_args!("warning: {e}"));
             code
         }
     }

@@ -1,0 +1,150 @@
+//! `fenced lock` / `fenced unlock`: for shell scripts that cannot wrap a command.
+
+use std::time::Duration;
+
+use fenced::{LockGuard, LockOptions, OwnerId};
+
+use crate::{
+    Ui, connect_or_exit, error_code, exit, parse_duration, print_acquire_error, print_error,
+    waiting,
+};
+
+/// Arguments of `fenced lock`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct LockArgs {
+    /// The lock key.
+    #[arg(long)]
+    key: String,
+    /// How long the lock lasts: nothing renews it after fenced exits.
+    #[arg(long, value_parser = parse_duration)]
+    lease: Duration,
+    /// How long to wait for a held lock: 0 tries once; default: wait as long as it takes.
+    #[arg(long, value_parser = parse_duration)]
+    wait: Option<Duration>,
+    /// A label for humans shown to waiters and by `fenced status`.
+    #[arg(long)]
+    label: Option<String>,
+    /// Print {"key","owner","token","lease_ms"} as JSON instead of "OWNER TOKEN".
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `fenced unlock`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct UnlockArgs {
+    /// The lock key.
+    #[arg(long)]
+    key: String,
+    /// The owner id `fenced lock` printed.
+    #[arg(long)]
+    owner: String,
+}
+
+/// The URL to use for a lock that must outlive this process. The embedded store frees the locks
+/// of exited processes at once unless told otherwise.
+fn detached_url(url: Option<&str>) -> Result<Option<String>, String> {
+    let url = match url {
+        Some(url) => url.to_owned(),
+        None => fenced::default_url().map_err(|e| e.to_string())?,
+    };
+    if url.starts_with("memory:") {
+        return Err("memory:// locks live inside one process, so `fenced lock` would release the lock as it \
+                    exits; use the embedded default or a server URL"
+            .to_owned());
+    }
+    if url.starts_with("sqlite:") && !url.contains("release_on_exit=") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        return Ok(Some(format!("{url}{sep}release_on_exit=false")));
+    }
+    Ok(Some(url))
+}
+
+/// `fenced lock`.
+pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
+    let mut options = LockOptions::new().lease(args.lease).renew(false);
+    options = match args.wait {
+        Some(wait) => options.wait(wait),
+        None => options.wait_forever(),
+    };
+    if let Some(label) = &args.label {
+        options = options.label(label.clone());
+    }
+    if let Err(e) = options.validate() {
+        print_error(&e);
+        return error_code(&e);
+    }
+    let url = match detached_url(url) {
+        Ok(url) => url,
+        Err(e) => {
+            print_error(e);
+            return exit::USAGE;
+        }
+    };
+    let client = match connect_or_exit(url.as_deref()).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let guard = match waiting::with_progress(
+        ui,
+        &client,
+        &args.key,
+        client.lock_with(&args.key, &options),
+    )
+    .await
+    {
+        Ok(guard) => guard,
+        Err(e) => {
+            print_acquire_error(&e, &args.key, args.wait);
+            return error_code(&e);
+        }
+    };
+    let lock = LockGuard::detach(guard);
+    if args.json {
+        let value = serde_json::json!({
+            "key": lock.key.as_str(),
+            "owner": lock.owner.to_string(),
+            "token": lock.token.get(),
+            "lease_ms": args.lease.as_millis() as u64,
+        });
+        println!("{value}");
+    } else {
+        println!("{} {}", lock.owner, lock.token);
+    }
+    0
+}
+
+/// `fenced unlock`.
+pub(crate) async fn unlock(url: Option<&str>, args: UnlockArgs, ui: Ui) -> u8 {
+    let owner: OwnerId = match args.owner.parse() {
+        Ok(owner) => owner,
+        Err(e) => {
+            print_error(&e);
+            return exit::USAGE;
+        }
+    };
+    if let Err(e) = fenced::Key::new(&args.key) {
+        print_error(&e);
+        return exit::USAGE;
+    }
+    let url = match detached_url(url) {
+        Ok(url) => url,
+        Err(e) => {
+            print_error(e);
+            return exit::USAGE;
+        }
+    };
+    let client = match connect_or_exit(url.as_deref()).await {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    match client.unlock(&args.key, &owner).await {
+        Ok(()) => {
+            ui.notice(format_args!("released {:?}", args.key));
+            0
+        }
+        Err(e) => {
+            print_error(&e);
+            error_code(&e)
+        }
+    }
+}
