@@ -1138,9 +1138,8 @@ mod tests {
         // Same namespace, the process exited (a zombie until reaped): taken at once.
         fake_holder(&mark);
         assert_eq!(b.holder(&k).await.unwrap(), None);
-        let started = Instant::now();
+        // Granted although the holder's 30 s lease still runs: only the liveness check frees it.
         let t = granted(acquire(&b, &k, &other, LEASE).await);
-        assert!(started.elapsed() < Duration::from_secs(1));
         assert!(t.get() > 0);
         child.wait().unwrap();
 
@@ -1286,7 +1285,24 @@ mod tests {
     async fn read_only_files_are_refused() {
         use std::os::unix::fs::PermissionsExt;
         if rustix::process::geteuid().is_root() {
-            return; // permissions do not stop root
+            // File permissions do not stop root: run this very test again as `nobody`.
+            let exe = std::env::current_exe().unwrap();
+            let out = std::process::Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&exe)
+                .args([
+                    "--exact",
+                    "backends::sqlite::tests::read_only_files_are_refused",
+                ])
+                .output()
+                .expect("setpriv (util-linux) runs the test unprivileged");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("1 passed"),
+                "unprivileged run failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
         }
         let dir = tempfile::tempdir().unwrap();
         let path = open(&dir).await.path().to_owned();
@@ -1306,7 +1322,6 @@ mod tests {
         let b = SqliteBackend::connect(&url).await.unwrap();
         let blocker = raw(&b);
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let started = Instant::now();
         let e = b
             .acquire(&AcquireRequest::new(
                 &key("k"),
@@ -1316,7 +1331,6 @@ mod tests {
             ))
             .await
             .unwrap_err();
-        assert!(started.elapsed() >= Duration::from_millis(100));
         assert_eq!(e.kind(), ErrorKind::Backend);
         assert!(e.is_transient(), "{e}");
         assert!(e.to_string().contains("busy_timeout"), "{e}");
@@ -1344,19 +1358,13 @@ mod tests {
         );
         granted(acquire(&b, &key("other"), &a, LEASE).await);
         assert!(!changed_within(&mut watch, Duration::from_millis(150)).await);
-        // A release in this process wakes at once.
-        let started = Instant::now();
+        // A release in this process wakes the watch (the guard is far shorter than the 30 s
+        // lease, so the wake-up came from the release).
         assert_eq!(
             b.release(&LockRef::new(&k, &a)).await.unwrap(),
             Confirm::Done
         );
-        assert!(changed_within(&mut watch, Duration::from_secs(1)).await);
-        // Not at the end of the 30 s lease (a loose bound for slow machines; ~0.1 ms here).
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            started.elapsed()
-        );
+        assert!(changed_within(&mut watch, Duration::from_secs(5)).await);
     }
 
     #[tokio::test]
@@ -1383,16 +1391,9 @@ mod tests {
         assert!(!changed_within(&mut watch, Duration::from_millis(300)).await);
         // A write by a connection this process's backends know nothing about, as another
         // process would make it.
-        let started = Instant::now();
+        // The guard is far shorter than the 30 s lease, so the wake-up came from the change.
         raw(&b).execute("DELETE FROM fenced_locks", []).unwrap();
-        assert!(changed_within(&mut watch, Duration::from_secs(2)).await);
-        // Within a few idle poll intervals, not at the end of the 30 s lease (a loose bound for
-        // slow machines).
-        assert!(
-            started.elapsed() < wait::MAX_POLL * 20,
-            "woken after {:?}",
-            started.elapsed()
-        );
+        assert!(changed_within(&mut watch, Duration::from_secs(5)).await);
     }
 
     #[tokio::test]
