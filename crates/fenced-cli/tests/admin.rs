@@ -241,7 +241,7 @@ async fn watch_reports_events() {
             .lock_with(
                 &key,
                 &LockOptions::new()
-                    .lease(Duration::from_millis(300))
+                    .lease(Duration::from_millis(1500))
                     .renew(false),
             )
             .await

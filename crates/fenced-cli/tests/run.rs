@@ -94,6 +94,7 @@ async fn concurrent_runs_keep_exclusion() {
                         "run", "--url", &store.url, "--key", &key, "--wait", "60s", "--", "sh",
                         "-c", &body,
                     ])
+                    .stderr(std::process::Stdio::piped())
                     .spawn()
                     .unwrap(),
             );
@@ -102,7 +103,13 @@ async fn concurrent_runs_keep_exclusion() {
             let out = within(120, "fenced run finishing", child.wait_with_output())
                 .await
                 .unwrap();
-            assert!(out.status.success(), "{}: {}", store.name, stderr(&out));
+            assert!(
+                out.status.success(),
+                "{}: {:?} {}",
+                store.name,
+                out.status,
+                stderr(&out)
+            );
         }
         let count: u64 = std::fs::read_to_string(&counter)
             .unwrap()

@@ -308,12 +308,12 @@ pub async fn renewal_keeps_lock(h: &Harness) {
     let key = unique_key("renew");
     let a = h.client().await;
     let b = h.client().await;
-    let lease = ms(500);
+    let lease = secs(1);
     let guard = a
         .lock_with(&key, &LockOptions::new().lease(lease))
         .await
         .expect("acquire");
-    let until = Instant::now() + lease * 5;
+    let until = Instant::now() + lease * 4;
     let mut checks = 0;
     while Instant::now() < until {
         assert!(
@@ -341,7 +341,7 @@ pub async fn lost_on_delete_cancels_work(h: &Harness) {
     let key = unique_key("lost-delete");
     let a = h.client().await;
     let admin = h.client().await;
-    let options = LockOptions::new().lease(ms(600));
+    let options = LockOptions::new().lease(ms(1500));
     let guard = a.lock_with(&key, &options).await.expect("acquire");
     let broken = admin
         .force_release(&key)
@@ -405,7 +405,7 @@ pub async fn lost_on_takeover(h: &Harness) {
     let a = h.client().await;
     let b = h.client().await;
     let guard = a
-        .lock_with(&key, &LockOptions::new().lease(ms(900)))
+        .lock_with(&key, &LockOptions::new().lease(ms(1500)))
         .await
         .expect("acquire");
     b.force_release(&key).await.expect("force release");

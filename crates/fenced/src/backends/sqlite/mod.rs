@@ -174,7 +174,7 @@ impl SqliteBackend {
 
     async fn with_config(config: SqliteConfig) -> Result<Self> {
         let shown = config.path.display().to_string();
-        let inner = tokio::task::spawn_blocking(move || open_file(config))
+        let inner = tokio::task::spawn_blocking(move || open_file_retrying(config))
             .await
             .map_err(|e| join_error(Operation::Connect, &shown, e))??;
         debug!(path = %inner.path.display(), busy_timeout = ?inner.config.busy_timeout, "fenced: sqlite lock file open");
@@ -508,6 +508,25 @@ fn delete_row(conn: &Connection, ctx: &Ctx, key: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// [`open_file`], retrying transient failures for up to `busy_timeout` (blocking).
+///
+/// Processes that open a new file at the same moment race: switching it to WAL mode and the
+/// first schema transaction can answer `SQLITE_BUSY` at once, without waiting (SQLite skips
+/// the busy handler where waiting could deadlock). Opening is idempotent, so it is retried.
+fn open_file_retrying(config: SqliteConfig) -> Result<Inner> {
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(2);
+    loop {
+        match open_file(config.clone()) {
+            Err(e) if e.is_transient() && started.elapsed() < config.busy_timeout => {
+                std::thread::sleep(delay / 2 + crate::options::jitter(delay / 2));
+                delay = (delay * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Opens and prepares the file (blocking).
 fn open_file(config: SqliteConfig) -> Result<Inner> {
     let invalid = |why: String| Error::new(ErrorKind::InvalidConfig, Operation::Connect, why);
@@ -550,8 +569,16 @@ fn open_file(config: SqliteConfig) -> Result<Inner> {
              user (every process taking locks writes to it)"
         )));
     }
-    // Refuse foreign databases before changing anything in them.
-    check_identity(&conn, &shown, &sql)?;
+    // Refuse foreign databases before changing anything in them. The three reads of the check
+    // share one read transaction: another process may be initializing the file right now, and
+    // reads from before and after its commit would look like a foreign database.
+    {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)
+            .map_err(sql)?;
+        check_identity(&tx, &shown, &sql)?;
+        tx.commit().map_err(sql)?;
+    }
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(sql)?;
@@ -1134,6 +1161,25 @@ mod tests {
             ..mark.clone()
         });
         child.kill().unwrap();
+        // SIGKILL is delivered asynchronously: wait until the child is a zombie (not reaped).
+        let stat = format!("/proc/{}/stat", child.id());
+        let zombie = || {
+            std::fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(false)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !zombie() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the killed child never became a zombie"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         held(acquire(&b, &k, &other, LEASE).await);
         // Same namespace, the process exited (a zombie until reaped): taken at once.
         fake_holder(&mark);
@@ -1278,6 +1324,25 @@ mod tests {
         raw(&b).pragma_update(None, "user_version", 99).unwrap();
         let e = SqliteBackend::open(b.path()).await.unwrap_err();
         expect(e, "newer version of fenced");
+    }
+
+    /// Many processes creating the same new lock file at once all succeed (none mistakes a
+    /// file another one is initializing for a foreign database).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_opens_agree() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("locks.db");
+            let opens: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = path.clone();
+                    tokio::spawn(async move { SqliteBackend::open(&path).await })
+                })
+                .collect();
+            for open in opens {
+                open.await.unwrap().expect("a concurrent first open failed");
+            }
+        }
     }
 
     #[cfg(unix)]
