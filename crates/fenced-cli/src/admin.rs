@@ -6,10 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use fenced::HolderInfo;
 use serde_json::json;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
-use crate::{connect_or_exit, error_code, exit, parse_duration, print_error, store_name};
+use crate::{
+    connect_or_exit, error_code, exit, parse_duration, print_error, store_name, termination_signals,
+};
 
 /// Arguments of `fenced status`.
 #[derive(Debug, clap::Args)]
@@ -226,12 +227,9 @@ pub(crate) async fn watch(url: Option<&str>, args: WatchArgs) -> u8 {
         Ok(client) => client,
         Err(code) => return code,
     };
-    let (Ok(mut sigint), Ok(mut sigterm)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        print_error("cannot install signal handlers");
-        return exit::INTERNAL;
+    let (mut sigint, mut sigterm) = match termination_signals() {
+        Ok(signals) => signals,
+        Err(code) => return code,
     };
     let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
     let mut first = true;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fenced::{LockGuard, LockOptions, OwnerId};
+use fenced::{LockGuard, OwnerId};
 
 use crate::{
     Ui, connect_or_exit, error_code, exit, parse_duration, print_acquire_error, print_error,
@@ -40,6 +40,18 @@ pub(crate) struct UnlockArgs {
     owner: String,
 }
 
+/// Connects for a lock that outlives this process (see [`detached_url`]), or returns the exit
+/// code after printing why not.
+async fn connect_detached(url: Option<&str>) -> Result<fenced::Client, u8> {
+    match detached_url(url) {
+        Ok(url) => connect_or_exit(url.as_deref()).await,
+        Err(e) => {
+            print_error(e);
+            Err(exit::USAGE)
+        }
+    }
+}
+
 /// The URL to use for a lock that must outlive this process. The embedded store frees the locks
 /// of exited processes at once unless told otherwise.
 fn detached_url(url: Option<&str>) -> Result<Option<String>, String> {
@@ -61,26 +73,12 @@ fn detached_url(url: Option<&str>) -> Result<Option<String>, String> {
 
 /// `fenced lock`.
 pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
-    let mut options = LockOptions::new().lease(args.lease).renew(false);
-    options = match args.wait {
-        Some(wait) => options.wait(wait),
-        None => options.wait_forever(),
-    };
-    if let Some(label) = &args.label {
-        options = options.label(label.clone());
-    }
+    let options = crate::base_options(args.lease, args.wait, args.label.as_deref()).renew(false);
     if let Err(e) = options.validate() {
         print_error(&e);
         return error_code(&e);
     }
-    let url = match detached_url(url) {
-        Ok(url) => url,
-        Err(e) => {
-            print_error(e);
-            return exit::USAGE;
-        }
-    };
-    let client = match connect_or_exit(url.as_deref()).await {
+    let client = match connect_detached(url).await {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -126,14 +124,7 @@ pub(crate) async fn unlock(url: Option<&str>, args: UnlockArgs, ui: Ui) -> u8 {
         print_error(&e);
         return exit::USAGE;
     }
-    let url = match detached_url(url) {
-        Ok(url) => url,
-        Err(e) => {
-            print_error(e);
-            return exit::USAGE;
-        }
-    };
-    let client = match connect_or_exit(url.as_deref()).await {
+    let client = match connect_detached(url).await {
         Ok(client) => client,
         Err(code) => return code,
     };

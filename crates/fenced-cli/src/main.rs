@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fenced::{Client, ErrorKind, Operation};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 mod admin;
 mod exit;
@@ -228,6 +229,37 @@ pub(crate) async fn connect(url: Option<&str>) -> Result<Client, fenced::Error> 
         builder = builder.url(url);
     }
     builder.build().await
+}
+
+/// Lock options shared by `run` and `lock`: the lease, the wait (`None` = forever) and the label.
+pub(crate) fn base_options(
+    lease: Duration,
+    wait: Option<Duration>,
+    label: Option<&str>,
+) -> fenced::LockOptions {
+    let mut options = fenced::LockOptions::new().lease(lease);
+    options = match wait {
+        Some(wait) => options.wait(wait),
+        None => options.wait_forever(),
+    };
+    match label {
+        Some(label) => options.label(label),
+        None => options,
+    }
+}
+
+/// SIGINT and SIGTERM streams, or the exit code after printing why they are unavailable.
+pub(crate) fn termination_signals() -> Result<(Signal, Signal), u8> {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(int), Ok(term)) => Ok((int, term)),
+        _ => {
+            print_error("cannot install signal handlers");
+            Err(exit::INTERNAL)
+        }
+    }
 }
 
 /// Connects, or prints the error and returns the exit code.

@@ -10,12 +10,11 @@ use std::time::Duration;
 use clap::ValueEnum;
 use fenced::LockOptions;
 use rustix::process::{Pid, Signal, kill_process_group};
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 
 use crate::{
     Ui, connect_or_exit, error_code, exit, parse_duration, print_acquire_error, print_error,
-    waiting,
+    termination_signals, waiting,
 };
 
 /// Arguments of `fenced run`.
@@ -76,16 +75,10 @@ pub(crate) enum OnLost {
 
 /// Lock options from `fenced run` flags.
 fn options(args: &RunArgs) -> LockOptions {
-    let mut options = LockOptions::new().lease(args.lease).renew(!args.no_renew);
-    options = match args.wait {
-        Some(wait) => options.wait(wait),
-        None => options.wait_forever(),
-    };
+    let mut options =
+        crate::base_options(args.lease, args.wait, args.label.as_deref()).renew(!args.no_renew);
     if let Some(max) = args.max_hold {
         options = options.max_hold(max);
-    }
-    if let Some(label) = &args.label {
-        options = options.label(label.clone());
     }
     if let Some(name) = &args.metric_name {
         options = options.metric_name(name.clone());
@@ -140,12 +133,9 @@ pub(crate) async fn run(url: Option<&str>, args: RunArgs, ui: Ui) -> u8 {
         Ok(client) => client,
         Err(code) => return code,
     };
-    let (Ok(mut sigint), Ok(mut sigterm)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        print_error("cannot install signal handlers");
-        return exit::INTERNAL;
+    let (mut sigint, mut sigterm) = match termination_signals() {
+        Ok(signals) => signals,
+        Err(code) => return code,
     };
     let acquire = waiting::with_progress(
         ui,

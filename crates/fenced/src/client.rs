@@ -295,8 +295,7 @@ impl Client {
     /// # Cancel safety
     /// Cancel safe: it only reads.
     pub async fn holder(&self, key: impl AsRef<str>) -> Result<Option<HolderInfo>> {
-        let key = Key::new(key.as_ref())?;
-        self.inner.backend.check_key(&key)?;
+        let key = self.key(key.as_ref())?;
         self.inner
             .backend
             .holder(&key)
@@ -311,8 +310,7 @@ impl Client {
     /// If dropped, the release may or may not have happened on the server; it never touched
     /// another owner's lock. Call it again to find out (`NotOwner` once released).
     pub async fn unlock(&self, key: impl AsRef<str>, owner: &OwnerId) -> Result<()> {
-        let key = Key::new(key.as_ref())?;
-        self.inner.backend.check_key(&key)?;
+        let key = self.key(key.as_ref())?;
         match self.inner.backend.release(&LockRef::new(&key, owner)).await {
             Ok(Confirm::Done) => Ok(()),
             Ok(Confirm::NotHeld(holder)) => Err(Error::new(
@@ -337,8 +335,7 @@ impl Client {
     /// # Cancel safety
     /// If dropped, the break may or may not have happened on the server.
     pub async fn force_release(&self, key: impl AsRef<str>) -> Result<Option<HolderInfo>> {
-        let key = Key::new(key.as_ref())?;
-        self.inner.backend.check_key(&key)?;
+        let key = self.key(key.as_ref())?;
         let broken =
             self.inner.backend.force_release(&key).await.map_err(|e| {
                 self.failed(e.with_operation(Operation::Admin).with_key(key.as_str()))
@@ -387,6 +384,13 @@ impl Client {
     /// Counts a failed backend call in the metrics and hands the error back.
     fn failed(&self, e: Error) -> Error {
         backend_error(self.inner.backend.name(), e)
+    }
+
+    /// `key` validated by the crate-wide rules and by the backend, before any I/O.
+    fn key(&self, key: &str) -> Result<Key> {
+        let key = Key::new(key)?;
+        self.inner.backend.check_key(&key)?;
+        Ok(key)
     }
 
     async fn acquire(&self, key: Key, options: &LockOptions, scope: Scope) -> Result<LockGuard> {

@@ -150,7 +150,8 @@ fn feature_off(scheme: &str, feature: &str) -> Error {
     )
 }
 
-fn parse(raw: &str) -> Result<url::Url> {
+/// Parses `raw`, failing with a redacted, actionable message.
+pub(crate) fn parse(raw: &str) -> Result<url::Url> {
     url::Url::parse(raw).map_err(|e| {
         Error::new(
             ErrorKind::InvalidConfig,

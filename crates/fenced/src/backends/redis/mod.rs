@@ -108,16 +108,7 @@ impl RedisBackend {
     /// # Cancel safety
     /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn connect(url: &str) -> Result<RedisBackend> {
-        let parsed = url::Url::parse(url).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidConfig,
-                Operation::Connect,
-                format!(
-                    "{} is not a valid URL ({e}); write it like redis://:password@host:6379/0",
-                    crate::url::redact(url)
-                ),
-            )
-        })?;
+        let parsed = crate::url::parse(url)?;
         RedisBackend::from_url(&parsed).await
     }
 

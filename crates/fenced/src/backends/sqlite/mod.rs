@@ -155,16 +155,7 @@ impl SqliteBackend {
     /// # Cancel safety
     /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn connect(url: &str) -> Result<Self> {
-        let parsed = url::Url::parse(url).map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidConfig,
-                Operation::Connect,
-                format!(
-                    "{} is not a valid URL ({e}); write it like sqlite:///var/lib/app/locks.db",
-                    crate::url::redact(url)
-                ),
-            )
-        })?;
+        let parsed = crate::url::parse(url)?;
         Self::from_url(&parsed).await
     }
 
