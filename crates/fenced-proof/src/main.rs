@@ -1,0 +1,3 @@
+//! `fenced-proof`: runs the proof scenarios.
+
+fn main() {}
