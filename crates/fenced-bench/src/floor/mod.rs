@@ -1,0 +1,58 @@
+//! The raw floors: the bare operations fenced needs, written directly with the same client
+//! library and no fenced code, measured by the same loops as fenced.
+//!
+//! They are floors, not lock libraries: no fencing tokens on Redis, no renewal, no retries, no
+//! lost-lock signal, no cancel safety. Each floor states in its `settings` exactly what it
+//! sends and how it waits.
+
+mod memory;
+mod redis;
+mod sqlite;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::Value;
+
+use crate::{Mode, Plan};
+
+/// Runs `plan` on the floor for the store named by `url`.
+pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
+    let handoff = plan.mode == Mode::Handoff;
+    if url.starts_with("memory:") {
+        crate::run::measure(memory::MemoryFloor::new(plan.lease), plan).await
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = path.split('?').next().unwrap_or(path).to_owned();
+        let floor = sqlite::SqliteFloor::open(&path, plan.lease, handoff)?;
+        crate::run::measure(floor, plan).await
+    } else if url.starts_with("redis://") {
+        let channel_key = handoff.then(|| format!("{}:handoff", plan.prefix));
+        let floor = redis::RedisFloor::connect(url, plan.lease, channel_key).await?;
+        crate::run::measure(floor, plan).await
+    } else {
+        Err(format!(
+            "no floor for {url}; use memory://, sqlite:///path or redis://host:port"
+        ))
+    }
+}
+
+/// Owner values unique on this machine while the process lives: the pid and a counter.
+#[derive(Debug)]
+struct Owners {
+    pid: u32,
+    next: AtomicU64,
+}
+
+impl Owners {
+    fn new() -> Owners {
+        Owners {
+            pid: std::process::id(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// A fresh owner value.
+    fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{n}", self.pid)
+    }
+}
