@@ -199,6 +199,26 @@ impl LockGuard {
         self.held.lost_reason().is_some()
     }
 
+    /// Whether the lock can still be assumed held right now: the lost signal has not fired *and*
+    /// the [`deadline`](LockGuard::deadline) has not passed. Unlike [`is_lost`](LockGuard::is_lost),
+    /// it does not depend on the renewal task having run, so it is the check to make right
+    /// before an action the lock protects. The check and the action are still two steps (a pause
+    /// between them is possible), which is why the action should also carry the
+    /// [fencing token](LockGuard::token).
+    ///
+    /// ```
+    /// # async fn demo(client: fenced::Client) -> fenced::Result<()> {
+    /// let guard = client.lock("order:42").await?;
+    /// if guard.is_valid() {
+    ///     // write, passing guard.token() to the resource
+    /// }
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn is_valid(&self) -> bool {
+        !self.is_lost() && Instant::now() < self.deadline()
+    }
+
     /// A future that resolves when the lock can no longer be assumed held: renewal failed until
     /// the lease ran out, the key was deleted or taken by another owner, the session ended, or the
     /// maximum hold time passed. Independent of `self` (`'static`), so it can be moved into a

@@ -1,0 +1,706 @@
+//! The named fault scenarios, what each is expected to show per backend (written down before
+//! anything runs), and the driver that runs one.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use crate::checker::{Findings, check};
+use crate::history::{FaultEvent, LineLog, WorkerEvent, now_ns, read_lines};
+use crate::proxy::{Direction, Fault, FaultProxy};
+use crate::resource::{Directive, Phase, Resource, Trigger};
+use crate::server::RedisServer;
+
+/// The backends the proof suite covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// In-process store; workers are threads of one process.
+    Memory,
+    /// The embedded SQLite store; workers are processes sharing one file.
+    Sqlite,
+    /// One Redis server; workers are processes, each behind its own fault proxy.
+    Redis,
+}
+
+impl BackendKind {
+    /// All of them.
+    pub const ALL: [BackendKind; 3] =
+        [BackendKind::Memory, BackendKind::Sqlite, BackendKind::Redis];
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Memory => "memory",
+            BackendKind::Sqlite => "sqlite",
+            BackendKind::Redis => "redis",
+        }
+    }
+}
+
+/// The faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// The holder is killed (SIGKILL) in the middle of its critical section. Memory: the grant
+    /// is dropped without a release and the worker ends.
+    Kill,
+    /// The holder is stopped (SIGSTOP) right after it checked that its lock is valid and before
+    /// its write, for twice the lease, then continued: the "GC pause". Memory: its thread blocks.
+    Pause,
+    /// 200 ms are added each way on the holder's connection for two leases, during a section that
+    /// lasts two leases.
+    Latency,
+    /// The holder's connection is cut both ways (bytes held, as TCP would retransmit them) for
+    /// two leases during a section that lasts three.
+    Partition,
+    /// Only client→server is cut (requests do not arrive).
+    OnewayUp,
+    /// Only server→client is cut (the server acts, the answers do not arrive).
+    OnewayDown,
+    /// The holder's connections are reset (RST) mid-section, and new ones for 200 ms.
+    Reset,
+    /// The server is killed and restarted without persistence while the lock is held.
+    Restart,
+    /// The server is killed and restarted with an append-only file synced on every write.
+    RestartAof,
+    /// Every worker's wall clock jumps +1 h mid-section, and back one lease later (libfaketime).
+    ClockJump,
+}
+
+impl Scenario {
+    /// All of them.
+    pub const ALL: [Scenario; 10] = [
+        Scenario::Kill,
+        Scenario::Pause,
+        Scenario::Latency,
+        Scenario::Partition,
+        Scenario::OnewayUp,
+        Scenario::OnewayDown,
+        Scenario::Reset,
+        Scenario::Restart,
+        Scenario::RestartAof,
+        Scenario::ClockJump,
+    ];
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Kill => "kill",
+            Scenario::Pause => "pause",
+            Scenario::Latency => "latency",
+            Scenario::Partition => "partition",
+            Scenario::OnewayUp => "oneway-up",
+            Scenario::OnewayDown => "oneway-down",
+            Scenario::Reset => "reset",
+            Scenario::Restart => "restart",
+            Scenario::RestartAof => "restart-aof",
+            Scenario::ClockJump => "clock-jump",
+        }
+    }
+
+    /// Whether it means anything on `backend` (network faults need a network).
+    pub fn applies_to(self, backend: BackendKind) -> bool {
+        matches!(self, Scenario::Kill | Scenario::Pause | Scenario::ClockJump)
+            || backend == BackendKind::Redis
+    }
+}
+
+/// Whether something may, must or must not show in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Expect {
+    /// Must not happen: seeing it fails the run.
+    Never,
+    /// May happen.
+    Possible,
+    /// The scenario is built to produce it: not seeing it fails the run (the fault missed).
+    Certain,
+}
+
+impl fmt::Display for Expect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Expect::Never => "never",
+            Expect::Possible => "possible",
+            Expect::Certain => "certain",
+        })
+    }
+}
+
+/// What a scenario is expected to show on a backend, decided before running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Expectation {
+    /// A second holder acting on the resource while the first still acts (interleaved sections).
+    pub overlap: Expect,
+    /// Two grants certainly valid at the same moment (the server broke a lease).
+    pub double_grant: Expect,
+    /// Whether every superseded holder must be told before the new holder acts.
+    pub lost_timely: bool,
+    /// Why.
+    pub why: &'static str,
+}
+
+/// The expectations, per backend and scenario.
+pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
+    use Expect::*;
+    let e = |overlap, double_grant, lost_timely, why| Expectation {
+        overlap,
+        double_grant,
+        lost_timely,
+        why,
+    };
+    match (scenario, backend) {
+        (Scenario::Kill, BackendKind::Sqlite) => e(
+            Never,
+            Never,
+            true,
+            "a dead holder's lock is taken over at once (its process is gone) or when its lease ends",
+        ),
+        (Scenario::Kill, _) => e(
+            Never,
+            Never,
+            true,
+            "the lock stays held until its lease ends, then the next waiter gets it",
+        ),
+        (Scenario::Pause, _) => e(
+            Certain,
+            Never,
+            false,
+            "a lease cannot outlive a stopped holder: the lease ends, another holder acts, and the stopped one writes when it resumes; only the fencing token stops that write; its lost signal can only fire once it runs again",
+        ),
+        (Scenario::Latency, _) => e(
+            Never,
+            Never,
+            true,
+            "200 ms each way is well within the lease; renewal keeps up",
+        ),
+        (Scenario::Partition | Scenario::OnewayUp, _) => e(
+            Never,
+            Never,
+            true,
+            "renewals do not arrive; the holder's deadline passes before the server's expiry, so it stops first",
+        ),
+        (Scenario::OnewayDown, _) => e(
+            Never,
+            Never,
+            true,
+            "renewals arrive but their answers do not; the holder stops at its deadline, and the server keeps the lock until it expires",
+        ),
+        (Scenario::Reset, _) => e(
+            Never,
+            Never,
+            true,
+            "the client reconnects and renews before the lease ends",
+        ),
+        (Scenario::Restart, _) => e(
+            Possible,
+            Possible,
+            false,
+            "without persistence the restarted server has forgotten the lock: a second holder is possible until the first one's renewal finds the key gone; tokens stay above the old ones (they include the server clock), so fencing rejects the old holder",
+        ),
+        (Scenario::RestartAof, _) => e(
+            Never,
+            Never,
+            true,
+            "the lock and its expiry are on disk before the grant is answered",
+        ),
+        (Scenario::ClockJump, _) => e(
+            Never,
+            Never,
+            true,
+            "fenced measures leases with the monotonic clock, so wall-clock jumps do not matter",
+        ),
+    }
+}
+
+/// Settings shared by every run.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The `fenced-proof` binary (workers are its `worker` subcommand).
+    pub worker_exe: PathBuf,
+    /// Where runs keep their files.
+    pub out: PathBuf,
+    /// Lease of every grant.
+    pub lease: Duration,
+    /// Length of a usual critical section.
+    pub hold: Duration,
+    /// Worker processes (threads for memory).
+    pub workers: u32,
+    /// Seed for the fault's timing and target.
+    pub seed: u64,
+    /// libfaketime, for the clock scenario.
+    pub faketime: Option<PathBuf>,
+}
+
+/// One run's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Backend.
+    pub backend: BackendKind,
+    /// Scenario.
+    pub scenario: Scenario,
+    /// Whether the resource enforced fencing tokens.
+    pub fencing: bool,
+    /// Seed.
+    pub seed: u64,
+    /// What was expected.
+    pub expected: Expectation,
+    /// What the history shows.
+    pub findings: Findings,
+    /// Whether a lock was still held once every worker had ended and every lease had run out.
+    pub left_held: bool,
+    /// Problems with the run itself (fault never triggered, a worker hung or crashed).
+    pub run_errors: Vec<String>,
+    /// Everything that contradicts the expectation; empty when the run passed.
+    pub violations: Vec<String>,
+}
+
+impl RunReport {
+    /// Whether the run held up to its expectation.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Runs one scenario on one backend.
+pub async fn run(
+    setup: &Setup,
+    backend: BackendKind,
+    scenario: Scenario,
+    fencing: bool,
+) -> RunReport {
+    let name = format!(
+        "{}-{}-{}",
+        backend.name(),
+        scenario.name(),
+        if fencing { "fenced" } else { "unfenced" }
+    );
+    let dir = setup.out.join(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut report = RunReport {
+        backend,
+        scenario,
+        fencing,
+        seed: setup.seed,
+        expected: expectation(backend, scenario),
+        findings: Findings::default(),
+        left_held: false,
+        run_errors: Vec::new(),
+        violations: Vec::new(),
+    };
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        report
+            .run_errors
+            .push(format!("cannot create {}: {e}", dir.display()));
+        report.violations = report.run_errors.clone();
+        return report;
+    }
+    match drive(setup, backend, scenario, fencing, &dir, &mut report).await {
+        Ok(()) => {}
+        Err(e) => report.run_errors.push(e),
+    }
+    report.violations = judge(&report);
+    let _ = std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_vec_pretty(&report).unwrap_or_default(),
+    );
+    report
+}
+
+/// The expectation against the findings.
+fn judge(r: &RunReport) -> Vec<String> {
+    let f = &r.findings;
+    let mut v = r.run_errors.clone();
+    let mut must = |ok: bool, what: String| {
+        if !ok {
+            v.push(what);
+        }
+    };
+    must(
+        f.grants >= 5,
+        format!(
+            "only {} grants: the run did not exercise the lock",
+            f.grants
+        ),
+    );
+    must(
+        f.token_violations == 0,
+        format!(
+            "{} grants with a token not above earlier grants",
+            f.token_violations
+        ),
+    );
+    must(
+        !r.left_held,
+        "a lock was left held after every worker ended and every lease ran out".into(),
+    );
+    if r.fencing {
+        must(
+            f.stale_writes_accepted == 0,
+            format!(
+                "{} stale writes accepted with fencing on",
+                f.stale_writes_accepted
+            ),
+        );
+        must(
+            f.lost_updates == 0,
+            format!("{} lost updates with fencing on", f.lost_updates),
+        );
+    }
+    let e = r.expected;
+    match e.overlap {
+        Expect::Never => must(
+            f.overlaps == 0,
+            format!(
+                "{} overlapping critical sections; expected none",
+                f.overlaps
+            ),
+        ),
+        Expect::Certain => must(
+            f.overlaps > 0,
+            "no overlapping critical sections although the scenario forces one: the fault missed"
+                .into(),
+        ),
+        Expect::Possible => {}
+    }
+    match e.double_grant {
+        Expect::Never => must(
+            f.grants_while_held == 0,
+            format!(
+                "{} grants while another grant was certainly valid",
+                f.grants_while_held
+            ),
+        ),
+        Expect::Certain => must(
+            f.grants_while_held > 0,
+            "no double grant although the scenario forces one".into(),
+        ),
+        Expect::Possible => {}
+    }
+    if e.lost_timely {
+        must(
+            f.lost_late == 0 && f.lost_never == 0,
+            format!(
+                "lost signal late {} and never {} times",
+                f.lost_late, f.lost_never
+            ),
+        );
+    }
+    v
+}
+
+/// Everything a run starts, stopped when dropped.
+struct Running {
+    children: Vec<(u32, Child)>,
+    redis: Option<RedisServer>,
+    proxies: Vec<FaultProxy>,
+}
+
+async fn drive(
+    setup: &Setup,
+    backend: BackendKind,
+    scenario: Scenario,
+    fencing: bool,
+    dir: &Path,
+    report: &mut RunReport,
+) -> Result<(), String> {
+    let lease = setup.lease;
+    let ms = |d: Duration| d.as_millis() as u64;
+    let key = format!("proof:{}", scenario.name());
+    let resource_log =
+        Arc::new(LineLog::create(&dir.join("resource.jsonl")).map_err(|e| e.to_string())?);
+    let fault_log = LineLog::create(&dir.join("faults.jsonl")).map_err(|e| e.to_string())?;
+    let resource = Resource::start(fencing, resource_log)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut running = Running {
+        children: Vec::new(),
+        redis: None,
+        proxies: Vec::new(),
+    };
+
+    // The backend, and the URL each worker process uses.
+    let (processes, threads) = match backend {
+        BackendKind::Memory => (1, setup.workers),
+        _ => (setup.workers, 1),
+    };
+    let mut urls = Vec::new();
+    let direct_url = match backend {
+        BackendKind::Memory => format!("memory://proof-{}", scenario.name()),
+        BackendKind::Sqlite => format!("sqlite://{}", dir.join("locks.db").display()),
+        BackendKind::Redis => {
+            let aof = scenario == Scenario::RestartAof;
+            let server = RedisServer::start(&dir.join("redis"), aof).await?;
+            let addr: SocketAddr = server.addr();
+            for _ in 0..processes {
+                let proxy = FaultProxy::start(addr)
+                    .await
+                    .map_err(|e| format!("fault proxy: {e}"))?;
+                urls.push(format!("redis://{}/0", proxy.addr()));
+                running.proxies.push(proxy);
+            }
+            running.redis = Some(server);
+            format!("redis://{addr}/0")
+        }
+    };
+    if urls.is_empty() {
+        urls = vec![direct_url.clone(); processes as usize];
+    }
+
+    // Clock faking for the clock scenario: every worker reads its offset from this file.
+    let clock_file = dir.join("faketime");
+    if scenario == Scenario::ClockJump {
+        if setup.faketime.is_none() {
+            return Err("libfaketime is not installed (Debian package `faketime`); scripts/proof installs it".into());
+        }
+        std::fs::write(&clock_file, "+0\n").map_err(|e| e.to_string())?;
+    }
+
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(setup.seed ^ (scenario as u64) << 8 ^ backend as u64);
+    let started = now_ns();
+    let fault_at = Duration::from_millis(1000 + rng.random_range(0..500));
+    let total = fault_at + lease * 6 + Duration::from_millis(500);
+    let stop_at_ns = started + total.as_nanos() as u64;
+
+    for p in 0..processes {
+        let mut cmd = Command::new(&setup.worker_exe);
+        cmd.arg("worker")
+            .args(["--url", &urls[p as usize], "--key", &key])
+            .args(["--resource", &resource.addr().to_string()])
+            .arg("--history")
+            .arg(dir.join(format!("worker-{p}.jsonl")))
+            .args([
+                "--first-worker",
+                &(p * threads).to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
+            .args([
+                "--lease-ms",
+                &ms(lease).to_string(),
+                "--hold-ms",
+                &ms(setup.hold).to_string(),
+            ])
+            .args(["--stop-at-ns", &stop_at_ns.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.join(format!("worker-{p}.stderr")))
+                    .map_err(|e| e.to_string())?,
+            )
+            .kill_on_drop(true);
+        if scenario == Scenario::ClockJump {
+            cmd.env(
+                "LD_PRELOAD",
+                setup.faketime.as_ref().expect("checked above"),
+            )
+            .env("FAKETIME_TIMESTAMP_FILE", &clock_file)
+            .env("FAKETIME_NO_CACHE", "1")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start a worker: {e}"))?;
+        running.children.push((p, child));
+    }
+
+    // The fault, at a seeded moment, on whichever worker next reaches the fault point.
+    tokio::time::sleep(fault_at).await;
+    let phase = if scenario == Scenario::Pause {
+        Phase::Check
+    } else {
+        Phase::Read
+    };
+    let (fired_tx, fired_rx) = oneshot::channel();
+    resource.arm(Trigger {
+        phase,
+        fired: fired_tx,
+    });
+    let window =
+        Duration::from_nanos(stop_at_ns.saturating_sub(now_ns())).saturating_sub(lease * 4);
+    let mut target_process = usize::MAX;
+    match tokio::time::timeout(window, fired_rx).await {
+        Ok(Ok((target, _grant, reply))) => {
+            target_process = (target / threads) as usize;
+            let fault = |kind: &str| FaultEvent {
+                ns: now_ns(),
+                kind: kind.into(),
+                worker: Some(target),
+            };
+            let pid = running.children[target_process].1.id();
+            let in_process = backend == BackendKind::Memory;
+            let proxy = running.proxies.get(target_process);
+            let directive = match scenario {
+                Scenario::Kill if in_process => {
+                    fault_log.push(&fault("kill"));
+                    Directive::Forget
+                }
+                Scenario::Kill => {
+                    fault_log.push(&fault("kill"));
+                    signal(pid, rustix::process::Signal::KILL);
+                    Directive::Continue
+                }
+                Scenario::Pause if in_process => {
+                    fault_log.push(&fault("stop"));
+                    Directive::Pause(ms(lease * 2))
+                }
+                Scenario::Pause => {
+                    fault_log.push(&fault("stop"));
+                    signal(pid, rustix::process::Signal::STOP);
+                    Directive::Continue
+                }
+                Scenario::Latency => {
+                    fault_log.push(&fault("latency"));
+                    proxy
+                        .expect("redis runs have proxies")
+                        .set(Fault::Latency(Duration::from_millis(200)));
+                    Directive::Hold(ms(lease * 2))
+                }
+                Scenario::Partition | Scenario::OnewayUp | Scenario::OnewayDown => {
+                    fault_log.push(&fault(scenario.name()));
+                    proxy.expect("redis runs have proxies").set(match scenario {
+                        Scenario::Partition => Fault::Partition,
+                        Scenario::OnewayUp => Fault::OneWay(Direction::Up),
+                        _ => Fault::OneWay(Direction::Down),
+                    });
+                    Directive::Hold(ms(lease * 3))
+                }
+                Scenario::Reset => {
+                    fault_log.push(&fault("reset"));
+                    proxy.expect("redis runs have proxies").set(Fault::Reset);
+                    Directive::Hold(ms(lease * 2))
+                }
+                Scenario::Restart | Scenario::RestartAof => {
+                    fault_log.push(&fault("restart"));
+                    running
+                        .redis
+                        .as_mut()
+                        .expect("redis runs have a server")
+                        .restart()
+                        .await?;
+                    Directive::Hold(ms(lease * 2))
+                }
+                Scenario::ClockJump => {
+                    fault_log.push(&fault("clock+1h"));
+                    std::fs::write(&clock_file, "+3600\n").map_err(|e| e.to_string())?;
+                    Directive::Hold(ms(lease * 2))
+                }
+            };
+            let _ = reply.send(directive);
+            // The heal.
+            match scenario {
+                Scenario::Pause if !in_process => {
+                    tokio::time::sleep(lease * 2).await;
+                    signal(pid, rustix::process::Signal::CONT);
+                    fault_log.push(&fault("cont"));
+                }
+                Scenario::Latency
+                | Scenario::Partition
+                | Scenario::OnewayUp
+                | Scenario::OnewayDown => {
+                    tokio::time::sleep(lease * 2).await;
+                    proxy.expect("redis runs have proxies").set(Fault::None);
+                    fault_log.push(&fault("heal"));
+                }
+                Scenario::Reset => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    proxy.expect("redis runs have proxies").set(Fault::None);
+                    fault_log.push(&fault("heal"));
+                }
+                Scenario::ClockJump => {
+                    tokio::time::sleep(lease).await;
+                    std::fs::write(&clock_file, "+0\n").map_err(|e| e.to_string())?;
+                    fault_log.push(&fault("heal"));
+                }
+                _ => {}
+            }
+        }
+        _ => report.run_errors.push(
+            "the fault never triggered: no worker reached its critical section in time".into(),
+        ),
+    }
+
+    // The end: every worker stops by itself at stop_at; a hung one is killed and reported.
+    let limit = Duration::from_nanos(stop_at_ns.saturating_sub(now_ns()))
+        + lease * 3
+        + Duration::from_secs(10);
+    let killed_one = scenario == Scenario::Kill && backend != BackendKind::Memory;
+    for (p, child) in &mut running.children {
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(_)) if killed_one && *p as usize == target_process => {}
+            Ok(Ok(status)) => report.run_errors.push(format!(
+                "worker process {p} ended with {status} (see worker-{p}.stderr)"
+            )),
+            Ok(Err(e)) => report.run_errors.push(format!("worker process {p}: {e}")),
+            Err(_) => {
+                let _ = child.start_kill();
+                report
+                    .run_errors
+                    .push(format!("worker process {p} hung and was killed"));
+            }
+        }
+    }
+
+    // Histories.
+    let mut workers: Vec<WorkerEvent> = Vec::new();
+    for p in 0..processes {
+        let path = dir.join(format!("worker-{p}.jsonl"));
+        workers.extend(read_lines(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    report.left_held = match backend {
+        BackendKind::Memory => workers
+            .iter()
+            .any(|e| matches!(e, WorkerEvent::Leftover { held: true, .. })),
+        _ => left_held(&direct_url, &key, lease).await,
+    };
+    let resource_events = read_lines(&dir.join("resource.jsonl")).map_err(|e| e.to_string())?;
+    let faults = read_lines(&dir.join("faults.jsonl")).map_err(|e| e.to_string())?;
+    report.findings = check(&workers, &resource_events, &faults);
+    drop(running);
+    Ok(())
+}
+
+fn signal(pid: Option<u32>, sig: rustix::process::Signal) {
+    if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// Whether `key` is still held once any lease still running has ended.
+async fn left_held(url: &str, key: &str, lease: Duration) -> bool {
+    let Ok(client) = fenced::connect(url).await else {
+        return true;
+    };
+    match client.holder(key).await {
+        Ok(None) => false,
+        Ok(Some(h)) => {
+            tokio::time::sleep(h.remaining.unwrap_or(lease).min(lease) + Duration::from_millis(50))
+                .await;
+            !matches!(client.holder(key).await, Ok(None))
+        }
+        Err(_) => true,
+    }
+}
+
+/// The libfaketime library, where Debian puts it.
+pub fn find_faketime() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}

@@ -1,0 +1,67 @@
+//! The fast subset of the proof suite, run by the normal test suite: one scenario per backend
+//! that must show the fault doing its damage or being contained, with fencing on. The full set is
+//! `scripts/proof`, which writes SAFETY.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fenced_proof::scenario::{self, BackendKind, RunReport, Scenario, Setup};
+
+fn setup(name: &str) -> (Setup, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix(name)
+        .tempdir()
+        .expect("a temporary directory");
+    let setup = Setup {
+        worker_exe: PathBuf::from(env!("CARGO_BIN_EXE_fenced-proof")),
+        out: dir.path().into(),
+        lease: Duration::from_secs(1),
+        hold: Duration::from_millis(50),
+        workers: 3,
+        seed: 7,
+        faketime: scenario::find_faketime(),
+    };
+    (setup, dir)
+}
+
+async fn run(backend: BackendKind, scenario: Scenario) -> RunReport {
+    let (setup, _dir) = setup(scenario.name());
+    let report = scenario::run(&setup, backend, scenario, true).await;
+    assert!(
+        report.passed(),
+        "{} {}: {:?}\nfindings: {:?}",
+        backend.name(),
+        scenario.name(),
+        report.violations,
+        report.findings
+    );
+    report
+}
+
+/// A holder stopped after its last check writes when it resumes; fencing refuses that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pause_stale_write_is_refused() {
+    let r = run(BackendKind::Redis, Scenario::Pause).await;
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
+
+/// A partitioned holder learns it lost the lock before the next holder acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_partition_holder_stops_first() {
+    let r = run(BackendKind::Redis, Scenario::Partition).await;
+    assert!(r.findings.lost_timely >= 1, "{:?}", r.findings);
+}
+
+/// A killed holder's lock is taken over; nobody overlaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_kill_is_taken_over() {
+    let r = run(BackendKind::Sqlite, Scenario::Kill).await;
+    assert!(r.findings.recovery_ms.is_some(), "{:?}", r.findings);
+}
+
+/// A blocked thread's stale write is refused on the in-process store too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_pause_stale_write_is_refused() {
+    let r = run(BackendKind::Memory, Scenario::Pause).await;
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
