@@ -101,7 +101,8 @@ pub(crate) async fn measure<L: Locker>(locker: L, plan: &Plan) -> Result<Value, 
     if let Some(message) = &first_error {
         eprintln!("fenced-bench: first error: {message}");
     }
-    if ops == 0 {
+    // A handoff process that got no grant was starved by the others: that is a result.
+    if ops == 0 && plan.mode != Mode::Handoff {
         return Err(format!(
             "no operation completed in the measured window ({errors} errors{})",
             first_error.map_or_else(String::new, |m| format!("; first: {m}"))
@@ -179,7 +180,7 @@ async fn handoff<L: Locker>(locker: &L, key: String, hold: Duration, window: Win
                     result.ops += 1;
                     result.events.push((true, grant_ns));
                 }
-                tokio::time::sleep(hold).await;
+                hold_for(hold).await;
                 let release_ns = monotonic_ns();
                 if recorded || window.contains(Instant::now()) {
                     result.events.push((false, release_ns));
@@ -190,6 +191,20 @@ async fn handoff<L: Locker>(locker: &L, key: String, hold: Duration, window: Win
             }
             Err(e) => result.error(window.contains(Instant::now()), format!("acquire: {e}")),
         }
+    }
+}
+
+/// Holds for `hold`. Tokio's timer rounds up to whole milliseconds (a 1 ms sleep takes close
+/// to 2 ms), so the hold sleeps on a blocking thread, as precisely as the peers' sleeps.
+async fn hold_for(hold: Duration) {
+    if hold.is_zero() {
+        return;
+    }
+    if tokio::task::spawn_blocking(move || std::thread::sleep(hold))
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(hold).await;
     }
 }
 
