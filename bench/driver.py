@@ -25,6 +25,9 @@ import subprocess
 import sys
 import time
 
+# The settings of a run that the report shows, saved with its results.
+RENDER_SETTINGS = ["quick", "warmup", "duration", "lease_ms", "hold_ms", "memory_lease_ms", "rb_requests",
+                   "pin_cpu", "sqlite_dir", "run_dir"]
 PEERS = ["redis-py-lock", "python-redis-lock", "pottery-redlock", "node-redlock", "rslock"]
 BACKENDS = ["memory", "sqlite", "redis"]
 
@@ -336,7 +339,10 @@ def redis_benchmark(runner):
         ("PING (round trip)", base + ["PING"]),
     ]
     rows = []
+    pinned = runner.pin(True)
     for name, argv in tests:
+        if pinned:
+            argv = ["taskset", "-c", "0"] + argv
         runner.commands.append(runner.shown(argv))
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
@@ -351,6 +357,8 @@ def redis_benchmark(runner):
         rows.append({"name": name, "rps": float(row.get("rps", 0)),
                      "p50_ms": float(row.get("p50_latency_ms", 0)),
                      "p99_ms": float(row.get("p99_latency_ms", 0))})
+    if pinned:
+        runner.pin(False)
     runner.redis.cmd("FLUSHDB")
     return rows
 
@@ -434,6 +442,10 @@ def div(a, b):
     if a is None or b in (None, 0):
         return None
     return a / b
+
+
+def tasks_label(t):
+    return f"{t} task" if t == 1 else f"{t} tasks"
 
 
 def layout(r):
@@ -569,8 +581,10 @@ class Report:
         tps = sorted({r["tasks"] for r in self.results if r["backend"] == backend and r["mode"] == "throughput"})
         impls = self.impls(backend)
         # Latency and throughput.
-        head = "| implementation | latency p50 | latency p99 | 1 task ops/s |" + "".join(
-            f" {t} tasks ops/s | {t} tasks p99 |" for t in tps)
+        w("*Latency*: one task, one key (pinned to one core where noted above). *N tasks*: "
+          "throughput runs, each task over its own 16 keys, not pinned.\n")
+        head = "| implementation | latency p50 | latency p99 | latency ops/s |" + "".join(
+            f" {tasks_label(t)} ops/s | {tasks_label(t)} p99 |" for t in tps)
         if backend == "redis":
             head += " commands per acquisition |"
         w(head)
@@ -588,7 +602,8 @@ class Report:
         # Ratios.
         others = [i for i in impls if i != "fenced"]
         if others:
-            head = "| fenced ÷ | latency p50 | latency p99 | 1 task ops/s |" + "".join(f" {t} tasks ops/s |" for t in tps)
+            head = "| fenced ÷ | latency p50 | latency p99 | latency ops/s |" + "".join(
+                f" {tasks_label(t)} ops/s |" for t in tps)
             w(head)
             w("|" + "---|" * (head.count("|") - 1))
             f_lat = self.find("fenced", backend, "latency")
@@ -603,7 +618,7 @@ class Report:
                     f_r = self.find("fenced", backend, "throughput", tasks=t)
                     o_r = self.find(o, backend, "throughput", tasks=t)
                     row += f" {ratio(div(f_r and f_r['ops_per_s'], o_r and o_r['ops_per_s']))} |"
-                    self.judge(f"{backend}, {t} tasks", "throughput", f_r and f_r["ops_per_s"], o,
+                    self.judge(f"{backend}, throughput {tasks_label(t)}", "ops/s", f_r and f_r["ops_per_s"], o,
                                o_r and o_r["ops_per_s"], False, lambda x: f"{rate(x)} ops/s")
                 w(row)
             w("")
@@ -621,7 +636,9 @@ class Report:
           "floors, most peers) often gives the lock straight back to the task that just released it; "
           "its hand-off p50 then measures a re-acquire, not a waiter waking up, and the grant share "
           "shows whether other processes starve. fenced queues local waiters FIFO, so its hand-offs "
-          "always go to another task. Compare the cross-process columns and grants/s.\n")
+          "always go to another task. Compare the cross-process columns and grants/s. Grants/s is "
+          "bounded by the hold (1 ms: at most about 1000/s); a command whose hold sleeps on Tokio's "
+          "millisecond timer (`tokio::time::sleep`) holds close to 2 ms and shows about half.\n")
         if backend == "memory":
             w("The memory store lives inside one process, so all its waiters are tasks of one process "
               "and there are no cross-process hand-offs.\n")
@@ -683,6 +700,15 @@ class Report:
                 run = f"throughput {r['tasks']}"
             w(f"| {r['impl']} | {run} | {cmds_total(r):.2f} | {cmds_text(r)} |")
         w("")
+        layouts = sorted({(r["procs"], r["tasks"]) for r in rows if r["mode"] == "handoff"},
+                         key=lambda pt: pt[0] * pt[1])
+        for pt in layouts[-1:]:
+            f_r = self.find("fenced", "redis", "handoff", procs=pt[0], tasks=pt[1])
+            for o in ["floor"] + PEERS:
+                o_r = self.find(o, "redis", "handoff", procs=pt[0], tasks=pt[1])
+                self.judge(f"redis, hand-off {pt[0]}×{pt[1]}", "server commands per grant",
+                           cmds_total(f_r) if f_r else None, o, cmds_total(o_r) if o_r else None, True,
+                           lambda x: f"{x:.1f}")
         f_lat = self.find("fenced", "redis", "latency")
         for o in ["floor"] + PEERS:
             o_lat = self.find(o, "redis", "latency")
@@ -695,7 +721,8 @@ class Report:
         w("## redis-benchmark on the same server\n")
         w(f"`redis-benchmark -c 1 -n {self.a.rb_requests} -r 1000000 --csv`: one client, one command "
           "at a time, random keys. A second floor: the server's own round trip for each bare command "
-          "(an acquire + release pair needs at least a SET and a compare-and-delete).\n")
+          "(an acquire + release pair needs at least a SET and a compare-and-delete). Pinned to one "
+          "core with the server, like the latency runs, when `taskset` is there.\n")
         w("| command | requests/s | p50 | p99 |\n|---|---|---|---|")
         for r in self.rb:
             if "error" in r:
@@ -789,6 +816,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--peers-install", default="", help="outcome of bench/peers/install")
     ap.add_argument("--redis-pid", type=int, default=0, help="pinned to CPU 0 during latency runs")
+    ap.add_argument("--render", help="only write the report from this results.json of an earlier run")
     args = ap.parse_args()
     args.pin_cpu = bool(args.redis_pid) and (os.cpu_count() or 1) > 1 and \
         subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
@@ -810,6 +838,18 @@ def main():
         memory_counts = [10000, 100000]
         args.memory_lease_ms, args.memory_limit = 30000, 60
         args.rb_requests = 50000
+
+    if args.render:
+        # Writes the report again from a results.json of an earlier run (no measurement).
+        saved = json.load(open(args.render))
+        for k, v in saved["settings"].items():
+            setattr(args, k, v)
+        runner = Runner.__new__(Runner)
+        runner.commands = saved["commands"]
+        Report(args, saved["results"], saved["memory"], saved["redis_benchmark"], saved["peers_status"],
+               runner, saved["started"], saved["wall"]).write(args.out)
+        log(f"wrote {args.out} from {args.render}")
+        return
 
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
@@ -865,7 +905,9 @@ def main():
     report = Report(args, results, memory, rb, peers_status, runner, started, wall)
     report.write(args.out)
     with open(os.path.join(args.run_dir, "results.json"), "w") as f:
-        json.dump({"results": results, "memory": memory, "redis_benchmark": rb}, f, indent=1)
+        json.dump({"results": results, "memory": memory, "redis_benchmark": rb,
+                   "peers_status": peers_status, "commands": runner.commands, "started": started,
+                   "wall": wall, "settings": {k: getattr(args, k) for k in RENDER_SETTINGS}}, f, indent=1)
     log(f"wrote {args.out} ({wall / 60:.1f} min)")
 
 
