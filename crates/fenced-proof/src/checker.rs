@@ -105,6 +105,7 @@ pub fn check(
                 token,
                 ns,
                 deadline_ns,
+                ..
             } => {
                 grants.insert(
                     (*worker, *grant),

@@ -54,6 +54,9 @@ pub enum WorkerEvent {
         ns: u64,
         /// The guard's deadline at grant time (a lower bound of the server's expiry).
         deadline_ns: u64,
+        /// The worker's wall clock at that moment, in ms since the Unix epoch (as libc reports
+        /// it, so a faked clock shows here).
+        wall_ms: u64,
     },
     /// The lost signal fired (observed by a task of the worker).
     Lost {

@@ -160,6 +160,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(70);
                 }
             };
+            // Workers and servers get paths from here; they must not depend on the directory.
+            let out = match std::path::absolute(&out) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("fenced-proof: bad --out {}: {e}", out.display());
+                    return ExitCode::from(64);
+                }
+            };
             let setup = Setup {
                 worker_exe,
                 out,

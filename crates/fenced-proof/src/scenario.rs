@@ -72,7 +72,8 @@ pub enum Scenario {
     Restart,
     /// The server is killed and restarted with an append-only file synced on every write.
     RestartAof,
-    /// Every worker's wall clock jumps +1 h mid-section, and back one lease later (libfaketime).
+    /// Every worker's wall clock jumps +1 h mid-section, and back three leases later, while other
+    /// workers hold the lock (libfaketime).
     ClockJump,
 }
 
@@ -618,7 +619,7 @@ async fn drive(
                     fault_log.push(&fault("heal"));
                 }
                 Scenario::ClockJump => {
-                    tokio::time::sleep(lease).await;
+                    tokio::time::sleep(lease * 3).await;
                     std::fs::write(&clock_file, "+0\n").map_err(|e| e.to_string())?;
                     fault_log.push(&fault("heal"));
                 }
@@ -664,11 +665,34 @@ async fn drive(
             .any(|e| matches!(e, WorkerEvent::Leftover { held: true, .. })),
         _ => left_held(&direct_url, &key, lease).await,
     };
+    if scenario == Scenario::ClockJump && !clock_jumped(&workers) {
+        report.run_errors.push(
+            "the clock jump did not reach the workers (their wall clocks never moved by an hour)"
+                .into(),
+        );
+    }
     let resource_events = read_lines(&dir.join("resource.jsonl")).map_err(|e| e.to_string())?;
     let faults = read_lines(&dir.join("faults.jsonl")).map_err(|e| e.to_string())?;
     report.findings = check(&workers, &resource_events, &faults);
     drop(running);
     Ok(())
+}
+
+/// Whether some worker's wall clock moved by about an hour against the monotonic clock.
+fn clock_jumped(workers: &[WorkerEvent]) -> bool {
+    let offsets: Vec<i128> = workers
+        .iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Grant { ns, wall_ms, .. } => {
+                Some(*wall_ms as i128 * 1_000_000 - *ns as i128)
+            }
+            _ => None,
+        })
+        .collect();
+    let (Some(lo), Some(hi)) = (offsets.iter().min(), offsets.iter().max()) else {
+        return false;
+    };
+    hi - lo > 3_000 * 1_000_000_000
 }
 
 fn signal(pid: Option<u32>, sig: rustix::process::Signal) {

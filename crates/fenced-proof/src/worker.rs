@@ -201,6 +201,9 @@ async fn worker(args: &WorkerArgs, id: u32, log: &Arc<LineLog>) {
             token: guard.token().get(),
             ns,
             deadline_ns: ns + guard.remaining().as_nanos() as u64,
+            wall_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         });
         let signal = guard.lost_signal();
         let lost_log = log.clone();
