@@ -116,8 +116,20 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             #[cfg(not(feature = "redis"))]
             return Err(feature_off(&scheme, "redis"));
         }
-        "etcd" | "etcds" | "zk" | "postgres" | "postgresql" | "mysql" | "mariadb" | "redlock"
-        | "redis+cluster" | "redis+sentinel" => Err(Error::new(
+        "etcd" | "etcds" => {
+            #[cfg(feature = "etcd")]
+            return crate::backends::etcd::open(&url).await;
+            #[cfg(not(feature = "etcd"))]
+            return Err(feature_off(&scheme, "etcd"));
+        }
+        "zk" => {
+            #[cfg(feature = "zookeeper")]
+            return crate::backends::zookeeper::open(&url).await;
+            #[cfg(not(feature = "zookeeper"))]
+            return Err(feature_off(&scheme, "zookeeper"));
+        }
+        "postgres" | "postgresql" | "mysql" | "mariadb" | "redlock" | "redis+cluster"
+        | "redis+sentinel" => Err(Error::new(
             ErrorKind::Unsupported,
             Operation::Connect,
             format!(

@@ -5,9 +5,13 @@
 //! - `wait.rs` — how waiters are woken;
 //! - `README.md` — what the backend guarantees and what it does not (included as its docs).
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "memory")]
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;
