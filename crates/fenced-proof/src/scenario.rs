@@ -17,7 +17,7 @@ use crate::checker::{Findings, check};
 use crate::history::{FaultEvent, LineLog, WorkerEvent, now_ns, read_lines};
 use crate::proxy::{Direction, Fault, FaultProxy};
 use crate::resource::{Directive, Phase, Resource, Trigger};
-use crate::server::RedisServer;
+use crate::server::{Server, ServerKind};
 
 /// The backends the proof suite covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -29,12 +29,21 @@ pub enum BackendKind {
     Sqlite,
     /// One Redis server; workers are processes, each behind its own fault proxy.
     Redis,
+    /// One etcd node; workers are processes, each behind its own fault proxy.
+    Etcd,
+    /// One ZooKeeper node; workers are processes, each behind its own fault proxy.
+    Zookeeper,
 }
 
 impl BackendKind {
     /// All of them.
-    pub const ALL: [BackendKind; 3] =
-        [BackendKind::Memory, BackendKind::Sqlite, BackendKind::Redis];
+    pub const ALL: [BackendKind; 5] = [
+        BackendKind::Memory,
+        BackendKind::Sqlite,
+        BackendKind::Redis,
+        BackendKind::Etcd,
+        BackendKind::Zookeeper,
+    ];
 
     /// Its name.
     pub fn name(self) -> &'static str {
@@ -42,7 +51,14 @@ impl BackendKind {
             BackendKind::Memory => "memory",
             BackendKind::Sqlite => "sqlite",
             BackendKind::Redis => "redis",
+            BackendKind::Etcd => "etcd",
+            BackendKind::Zookeeper => "zookeeper",
         }
+    }
+
+    /// Whether it runs behind a network server.
+    pub fn networked(self) -> bool {
+        !matches!(self, BackendKind::Memory | BackendKind::Sqlite)
     }
 }
 
@@ -68,7 +84,8 @@ pub enum Scenario {
     OnewayDown,
     /// The holder's connections are reset (RST) mid-section, and new ones for 200 ms.
     Reset,
-    /// The server is killed and restarted without persistence while the lock is held.
+    /// The server is killed (SIGKILL) and restarted while the lock is held: Redis without
+    /// persistence; etcd and ZooKeeper with their always-synced logs.
     Restart,
     /// The server is killed and restarted with an append-only file synced on every write.
     RestartAof,
@@ -110,8 +127,12 @@ impl Scenario {
 
     /// Whether it means anything on `backend` (network faults need a network).
     pub fn applies_to(self, backend: BackendKind) -> bool {
-        matches!(self, Scenario::Kill | Scenario::Pause | Scenario::ClockJump)
-            || backend == BackendKind::Redis
+        match self {
+            Scenario::Kill | Scenario::Pause | Scenario::ClockJump => true,
+            // Only Redis offers a choice of persistence; etcd and ZooKeeper always sync their log.
+            Scenario::RestartAof => backend == BackendKind::Redis,
+            _ => backend.networked(),
+        }
     }
 }
 
@@ -201,6 +222,12 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
             Never,
             true,
             "the client reconnects and renews before the lease ends",
+        ),
+        (Scenario::Restart, BackendKind::Etcd | BackendKind::Zookeeper) => e(
+            Never,
+            Never,
+            true,
+            "the server syncs its log before it answers, so the lock survives a crash; sessions get a fresh timeout after the restart and the clients reconnect within it",
         ),
         (Scenario::Restart, _) => e(
             Possible,
@@ -402,7 +429,7 @@ fn judge(r: &RunReport) -> Vec<String> {
 /// Everything a run starts, stopped when dropped.
 struct Running {
     children: Vec<(u32, Child)>,
-    redis: Option<RedisServer>,
+    server: Option<Server>,
     proxies: Vec<FaultProxy>,
 }
 
@@ -425,7 +452,7 @@ async fn drive(
         .map_err(|e| e.to_string())?;
     let mut running = Running {
         children: Vec::new(),
-        redis: None,
+        server: None,
         proxies: Vec::new(),
     };
 
@@ -438,19 +465,31 @@ async fn drive(
     let direct_url = match backend {
         BackendKind::Memory => format!("memory://proof-{}", scenario.name()),
         BackendKind::Sqlite => format!("sqlite://{}", dir.join("locks.db").display()),
-        BackendKind::Redis => {
-            let aof = scenario == Scenario::RestartAof;
-            let server = RedisServer::start(&dir.join("redis"), aof).await?;
-            let addr: SocketAddr = server.addr();
+        BackendKind::Redis | BackendKind::Etcd | BackendKind::Zookeeper => {
+            let kind = match backend {
+                BackendKind::Redis => ServerKind::Redis {
+                    aof: scenario == Scenario::RestartAof,
+                },
+                BackendKind::Etcd => ServerKind::Etcd,
+                _ => ServerKind::Zookeeper,
+            };
+            let server = Server::start(kind, &dir.join("server")).await?;
+            let url = |addr: SocketAddr| match backend {
+                BackendKind::Redis => format!("redis://{addr}/0"),
+                // Sessions end after one lease without keep-alives, like a Redis lease.
+                BackendKind::Etcd => format!("etcd://{addr}/?session_ttl={}ms", ms(lease)),
+                _ => format!("zk://{addr}/?session_timeout={}ms", ms(lease)),
+            };
             for _ in 0..processes {
-                let proxy = FaultProxy::start(addr)
+                let proxy = FaultProxy::start(server.addr())
                     .await
                     .map_err(|e| format!("fault proxy: {e}"))?;
-                urls.push(format!("redis://{}/0", proxy.addr()));
+                urls.push(url(proxy.addr()));
                 running.proxies.push(proxy);
             }
-            running.redis = Some(server);
-            format!("redis://{addr}/0")
+            let direct = url(server.addr());
+            running.server = Some(server);
+            direct
         }
     };
     if urls.is_empty() {
@@ -563,30 +602,34 @@ async fn drive(
                 Scenario::Latency => {
                     fault_log.push(&fault("latency"));
                     proxy
-                        .expect("redis runs have proxies")
+                        .expect("networked runs have proxies")
                         .set(Fault::Latency(Duration::from_millis(200)));
                     Directive::Hold(ms(lease * 2))
                 }
                 Scenario::Partition | Scenario::OnewayUp | Scenario::OnewayDown => {
                     fault_log.push(&fault(scenario.name()));
-                    proxy.expect("redis runs have proxies").set(match scenario {
-                        Scenario::Partition => Fault::Partition,
-                        Scenario::OnewayUp => Fault::OneWay(Direction::Up),
-                        _ => Fault::OneWay(Direction::Down),
-                    });
+                    proxy
+                        .expect("networked runs have proxies")
+                        .set(match scenario {
+                            Scenario::Partition => Fault::Partition,
+                            Scenario::OnewayUp => Fault::OneWay(Direction::Up),
+                            _ => Fault::OneWay(Direction::Down),
+                        });
                     Directive::Hold(ms(lease * 3))
                 }
                 Scenario::Reset => {
                     fault_log.push(&fault("reset"));
-                    proxy.expect("redis runs have proxies").set(Fault::Reset);
+                    proxy
+                        .expect("networked runs have proxies")
+                        .set(Fault::Reset);
                     Directive::Hold(ms(lease * 2))
                 }
                 Scenario::Restart | Scenario::RestartAof => {
                     fault_log.push(&fault("restart"));
                     running
-                        .redis
+                        .server
                         .as_mut()
-                        .expect("redis runs have a server")
+                        .expect("networked runs have a server")
                         .restart()
                         .await?;
                     Directive::Hold(ms(lease * 2))
@@ -610,12 +653,12 @@ async fn drive(
                 | Scenario::OnewayUp
                 | Scenario::OnewayDown => {
                     tokio::time::sleep(lease * 2).await;
-                    proxy.expect("redis runs have proxies").set(Fault::None);
+                    proxy.expect("networked runs have proxies").set(Fault::None);
                     fault_log.push(&fault("heal"));
                 }
                 Scenario::Reset => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    proxy.expect("redis runs have proxies").set(Fault::None);
+                    proxy.expect("networked runs have proxies").set(Fault::None);
                     fault_log.push(&fault("heal"));
                 }
                 Scenario::ClockJump => {

@@ -1,4 +1,6 @@
-//! Servers a proof run starts for itself (so it can crash and restart them).
+//! Servers a proof run starts for itself, so it can crash and restart them: Redis, etcd and
+//! ZooKeeper, each from its Debian package, on free loopback ports with data in the run's
+//! directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,27 +11,42 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-/// A throwaway `redis-server` on loopback, with its data in one directory.
+/// Which server, and how it keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `redis-server`: no persistence, or (with `aof`) an append-only file synced on every write.
+    Redis {
+        /// Append-only file with `appendfsync always`.
+        aof: bool,
+    },
+    /// A single-node `etcd` (its write-ahead log is always synced).
+    Etcd,
+    /// A single-node ZooKeeper (its transaction log is always synced).
+    Zookeeper,
+}
+
+/// A throwaway server on loopback.
 #[derive(Debug)]
-pub struct RedisServer {
+pub struct Server {
+    kind: ServerKind,
     dir: PathBuf,
     port: u16,
-    aof: bool,
+    /// A second port (etcd's peer port), when the server needs one.
+    extra_port: u16,
     child: Option<Child>,
 }
 
-impl RedisServer {
-    /// Starts a server with data in `dir`: no persistence, or (with `aof`) an append-only file
-    /// synced on every write.
-    pub async fn start(dir: &Path, aof: bool) -> Result<RedisServer, String> {
+impl Server {
+    /// Starts a server with its data in `dir`.
+    pub async fn start(kind: ServerKind, dir: &Path) -> Result<Server, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut last = String::new();
         for _ in 0..3 {
-            let port = free_port().map_err(|e| e.to_string())?;
-            let mut server = RedisServer {
+            let mut server = Server {
+                kind,
                 dir: dir.into(),
-                port,
-                aof,
+                port: free_port().map_err(|e| e.to_string())?,
+                extra_port: free_port().map_err(|e| e.to_string())?,
                 child: None,
             };
             match server.spawn().await {
@@ -40,13 +57,13 @@ impl RedisServer {
         Err(last)
     }
 
-    /// Where it listens.
+    /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// Kills the server (SIGKILL: a crash, no chance to save) and starts it again on the same
-    /// port with the same data directory.
+    /// ports with the same data directory.
     pub async fn restart(&mut self) -> Result<(), String> {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
@@ -55,62 +72,136 @@ impl RedisServer {
         self.spawn().await
     }
 
-    async fn spawn(&mut self) -> Result<(), String> {
-        let persistence: &[&str] = if self.aof {
-            &[
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ]
-        } else {
-            &["--appendonly", "no", "--save", ""]
-        };
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(persistence)
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--daemonize", "no", "--logfile"])
-            .arg(self.dir.join("redis.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                format!(
-                    "cannot start redis-server ({e}); scripts/proof and scripts/test install it"
+    fn command(&self) -> Result<Command, String> {
+        let port = self.port.to_string();
+        let mut cmd = match self.kind {
+            ServerKind::Redis { aof } => {
+                let mut c = Command::new("redis-server");
+                c.args(["--bind", "127.0.0.1", "--port", &port]);
+                if aof {
+                    c.args([
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                        "--save",
+                        "",
+                    ]);
+                } else {
+                    c.args(["--appendonly", "no", "--save", ""]);
+                }
+                c.arg("--dir").arg(&self.dir);
+                c.args(["--daemonize", "no", "--logfile"])
+                    .arg(self.dir.join("server.log"));
+                c
+            }
+            ServerKind::Etcd => {
+                let client = format!("http://127.0.0.1:{}", self.port);
+                let peer = format!("http://127.0.0.1:{}", self.extra_port);
+                let mut c = Command::new("etcd");
+                c.args(["--name", "proof", "--data-dir"])
+                    .arg(self.dir.join("data"))
+                    .args([
+                        "--listen-client-urls",
+                        &client,
+                        "--advertise-client-urls",
+                        &client,
+                    ])
+                    .args([
+                        "--listen-peer-urls",
+                        &peer,
+                        "--initial-advertise-peer-urls",
+                        &peer,
+                    ])
+                    .args(["--initial-cluster", &format!("proof={peer}")])
+                    .args(["--logger", "zap", "--log-outputs", "stderr"]);
+                c
+            }
+            ServerKind::Zookeeper => {
+                let cfg = self.dir.join("zoo.cfg");
+                let data = self.dir.join("data");
+                std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
+                std::fs::write(
+                    &cfg,
+                    format!(
+                        "tickTime=200\ninitLimit=10\nsyncLimit=5\ndataDir={}\nclientPort={}\n\
+                         clientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
+                         minSessionTimeout=400\nmaxSessionTimeout=60000\n\
+                         4lw.commands.whitelist=ruok\n",
+                        data.display(),
+                        self.port
+                    ),
                 )
-            })?;
+                .map_err(|e| e.to_string())?;
+                let mut c = Command::new("java");
+                c.args(["-cp", "/etc/zookeeper/conf:/usr/share/java/zookeeper.jar"])
+                    .arg(format!("-Dzookeeper.log.dir={}", self.dir.display()))
+                    .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+                    .arg(&cfg);
+                c
+            }
+        };
+        let out = std::fs::File::create(self.dir.join("server.out")).map_err(|e| e.to_string())?;
+        let err = out.try_clone().map_err(|e| e.to_string())?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    async fn spawn(&mut self) -> Result<(), String> {
+        let program = match self.kind {
+            ServerKind::Redis { .. } => "redis-server (Debian redis-server)",
+            ServerKind::Etcd => "etcd (Debian etcd-server)",
+            ServerKind::Zookeeper => "ZooKeeper (Debian zookeeper, with java)",
+        };
+        let child = self
+            .command()?
+            .spawn()
+            .map_err(|e| format!("cannot start {program}: {e}; scripts/proof installs it"))?;
         self.child = Some(child);
-        for _ in 0..200 {
-            if ping(self.addr()).await {
+        for _ in 0..600 {
+            if self.ready().await {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(3).collect();
+        let out = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+        let tail: Vec<&str> = out.lines().rev().take(3).collect();
         Err(format!(
-            "redis-server did not answer on port {}: {}",
+            "{program} did not answer on port {}: {}",
             self.port,
             tail.join(" | ")
         ))
     }
+
+    async fn ready(&self) -> bool {
+        let (request, expect): (&[u8], &[u8]) = match self.kind {
+            ServerKind::Redis { .. } => (b"PING\r\n", b"+PONG"),
+            ServerKind::Etcd => (
+                b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n",
+                b"HTTP/1.0 200",
+            ),
+            ServerKind::Zookeeper => (b"ruok", b"imok"),
+        };
+        exchange(self.addr(), request, expect).await
+    }
 }
 
-async fn ping(addr: SocketAddr) -> bool {
+/// Sends `request` and checks that the answer starts with `expect`.
+async fn exchange(addr: SocketAddr, request: &[u8], expect: &[u8]) -> bool {
     let Ok(mut s) = TcpStream::connect(addr).await else {
         return false;
     };
-    if s.write_all(b"PING\r\n").await.is_err() {
+    if s.write_all(request).await.is_err() {
         return false;
     }
-    let mut buf = [0u8; 7];
-    matches!(tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await, Ok(Ok(_)) if &buf == b"+PONG\r\n")
+    let mut buf = vec![0u8; expect.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
+        Ok(Ok(_)) if buf == expect
+    )
 }
 
 /// A TCP port free on 127.0.0.1 right now.
