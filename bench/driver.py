@@ -28,8 +28,16 @@ import time
 # The settings of a run that the report shows, saved with its results.
 RENDER_SETTINGS = ["quick", "warmup", "duration", "lease_ms", "hold_ms", "memory_lease_ms", "rb_requests",
                    "pin_cpu", "sqlite_dir", "run_dir"]
-PEERS = ["redis-py-lock", "python-redis-lock", "pottery-redlock", "node-redlock", "rslock"]
-BACKENDS = ["memory", "sqlite", "redis"]
+# Peer libraries per backend (each a command in bench/peers/bin following bench/PROTOCOL.md).
+PEERS_BY_BACKEND = {
+    "redis": ["redis-py-lock", "python-redis-lock", "pottery-redlock", "node-redlock", "rslock"],
+    "etcd": ["etcdctl-lock"],
+    "zookeeper": ["kazoo-lock"],
+}
+PEERS = [p for ps in PEERS_BY_BACKEND.values() for p in ps]
+ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper"]
+# The backends of this run (etcd and ZooKeeper only when scripts/bench started their servers).
+BACKENDS = list(ALL_BACKENDS)
 
 
 def log(msg):
@@ -219,6 +227,10 @@ class Runner:
             return "memory://"
         if backend == "sqlite":
             return f"sqlite://{self.args.sqlite_dir}/{impl}-{prefix}.db"
+        if backend == "etcd":
+            return self.args.etcd_url
+        if backend == "zookeeper":
+            return self.args.zk_url
         return f"redis://127.0.0.1:{self.args.redis_port}/0"
 
     def argv(self, impl, url, mode, tasks, prefix):
@@ -493,8 +505,7 @@ class Report:
 
     def impls(self, backend):
         names = ["fenced", "floor"]
-        if backend == "redis":
-            names += [p for p in PEERS if self.peers_status.get(p) == "installed"]
+        names += [p for p in PEERS_BY_BACKEND.get(backend, []) if self.peers_status.get(p) == "installed"]
         return names
 
     def judge(self, where, metric, fenced_v, other, other_v, lower_is_better, fmt):
@@ -528,9 +539,12 @@ class Report:
             w("**This is a quick smoke run: short windows, a subset of the modes. Do not quote these "
               "numbers.**\n")
         w("Every implementation is a command following [the bench protocol](bench/PROTOCOL.md), run by "
-          "`bench/driver.py` one after the other on one machine, against one dedicated Redis server "
-          "(no password, no persistence, loopback) started for the run. The benchmark processes and "
-          "the Redis server share the same cores, so client CPU cost shows up as lower throughput.\n")
+          "`bench/driver.py` one after the other on one machine, against servers started for the run "
+          "on loopback: one Redis (no password, no persistence)"
+          + (", one etcd node" if "etcd" in BACKENDS else "")
+          + (", one ZooKeeper node" if "zookeeper" in BACKENDS else "")
+          + ". The benchmark processes and the servers share the same cores, so client CPU cost "
+          "shows up as lower throughput.\n")
         w("- **fenced**: `fenced-bench --impl fenced`: the library as applications use it, one "
           "`Client` per process shared by its tasks, `lock_with` (wait up to 60 s) and "
           "`LockGuard::release`, lease renewed by the watchdog at its default (lease/3).\n"
@@ -539,7 +553,7 @@ class Report:
           "token on Redis, no renewal, no lost-lock signal, no retries. It is the cost of the store "
           "itself; what fenced adds on top is the price of its guarantees and of its code.\n"
           "- **peers**: other lock libraries, from `bench/peers/bin/` (see `bench/peers/README.md`), "
-          "on Redis only.\n")
+          "each on the store it is made for.\n")
         w(f"Settings: warm-up {a.warmup} s, measurement {a.duration} s per run, lease {a.lease_ms} ms, "
           f"hold {a.hold_ms} ms in hand-off runs. Latency = one acquire + release pair. "
           + ("Latency runs (1 task) pin the command and the Redis server to CPU 0 with `taskset`: on this "
@@ -576,7 +590,8 @@ class Report:
 
     def backend_section(self, w, backend):
         title = {"memory": "In-process (memory://)", "sqlite": "SQLite (sqlite://, one file)",
-                 "redis": "Redis (redis://, one server)"}[backend]
+                 "redis": "Redis (redis://, one server)", "etcd": "etcd (etcd://, one node)",
+                 "zookeeper": "ZooKeeper (zk://, one node)"}[backend]
         w(f"## {title}\n")
         tps = sorted({r["tasks"] for r in self.results if r["backend"] == backend and r["mode"] == "throughput"})
         impls = self.impls(backend)
@@ -817,7 +832,10 @@ def main():
     ap.add_argument("--peers-install", default="", help="outcome of bench/peers/install")
     ap.add_argument("--redis-pid", type=int, default=0, help="pinned to CPU 0 during latency runs")
     ap.add_argument("--render", help="only write the report from this results.json of an earlier run")
+    ap.add_argument("--etcd-url", default="", help="an etcd node for this run (no etcd rows without it)")
+    ap.add_argument("--zk-url", default="", help="a ZooKeeper node for this run (no ZooKeeper rows without it)")
     args = ap.parse_args()
+    BACKENDS[:] = [b for b in ALL_BACKENDS if (b != "etcd" or args.etcd_url) and (b != "zookeeper" or args.zk_url)]
     args.pin_cpu = bool(args.redis_pid) and (os.cpu_count() or 1) > 1 and \
         subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
     args.sqlite_dir = os.path.join(args.run_dir, "sqlite")
@@ -842,6 +860,7 @@ def main():
     if args.render:
         # Writes the report again from a results.json of an earlier run (no measurement).
         saved = json.load(open(args.render))
+        BACKENDS[:] = [b for b in ALL_BACKENDS if any(r["backend"] == b for r in saved["results"])]
         for k, v in saved["settings"].items():
             setattr(args, k, v)
         runner = Runner.__new__(Runner)
@@ -880,8 +899,7 @@ def main():
 
     for backend in BACKENDS:
         impls = ["fenced", "floor"]
-        if backend == "redis":
-            impls += [p for p in PEERS if peers_status[p] == "installed"]
+        impls += [p for p in PEERS_BY_BACKEND.get(backend, []) if peers_status[p] == "installed"]
         layouts = [(1, p * t) for p, t in handoff_layouts] if backend == "memory" else handoff_layouts
         for impl in impls:
             go(impl, backend, "latency", 1, 1)
@@ -894,7 +912,9 @@ def main():
     rb = redis_benchmark(runner)
     memory = []
     for backend in BACKENDS:
-        for count in memory_counts:
+        # Consensus stores write every grant to a synced log: 100k grants take minutes there.
+        counts = memory_counts if backend in ("memory", "sqlite", "redis") else memory_counts[:1]
+        for count in counts:
             m = runner.memory(backend, count)
             log(f"memory {backend} {count}: " + (f"{m['bytes_per_lock']} bytes/lock, {m['held']} held, "
                                                  f"{m['renewed']} renewed, {m['lost']} lost" if m["ok"] else
