@@ -180,53 +180,32 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
         lost_timely,
         why,
     };
+    // Nothing may go wrong, and a superseded holder must learn it first.
+    let safe = |why| e(Never, Never, true, why);
     match (scenario, backend) {
-        (Scenario::Kill, BackendKind::Sqlite) => e(
-            Never,
-            Never,
-            true,
+        (Scenario::Kill, BackendKind::Sqlite) => safe(
             "a dead holder's lock is taken over at once (its process is gone) or when its lease ends",
         ),
-        (Scenario::Kill, _) => e(
-            Never,
-            Never,
-            true,
-            "the lock stays held until its lease ends, then the next waiter gets it",
-        ),
+        (Scenario::Kill, _) => {
+            safe("the lock stays held until its lease ends, then the next waiter gets it")
+        }
         (Scenario::Pause, _) => e(
             Certain,
             Never,
             false,
             "a lease cannot outlive a stopped holder: the lease ends, another holder acts, and the stopped one writes when it resumes; only the fencing token stops that write; its lost signal can only fire once it runs again",
         ),
-        (Scenario::Latency, _) => e(
-            Never,
-            Never,
-            true,
-            "200 ms each way is well within the lease; renewal keeps up",
-        ),
-        (Scenario::Partition | Scenario::OnewayUp, _) => e(
-            Never,
-            Never,
-            true,
+        (Scenario::Latency, _) => {
+            safe("200 ms each way is well within the lease; renewal keeps up")
+        }
+        (Scenario::Partition | Scenario::OnewayUp, _) => safe(
             "renewals do not arrive; the holder's deadline passes before the server's expiry, so it stops first",
         ),
-        (Scenario::OnewayDown, _) => e(
-            Never,
-            Never,
-            true,
+        (Scenario::OnewayDown, _) => safe(
             "renewals arrive but their answers do not; the holder stops at its deadline, and the server keeps the lock until it expires",
         ),
-        (Scenario::Reset, _) => e(
-            Never,
-            Never,
-            true,
-            "the client reconnects and renews before the lease ends",
-        ),
-        (Scenario::Restart, BackendKind::Etcd | BackendKind::Zookeeper) => e(
-            Never,
-            Never,
-            true,
+        (Scenario::Reset, _) => safe("the client reconnects and renews before the lease ends"),
+        (Scenario::Restart, BackendKind::Etcd | BackendKind::Zookeeper) => safe(
             "the server syncs its log before it answers, so the lock survives a crash; sessions get a fresh timeout after the restart and the clients reconnect within it",
         ),
         (Scenario::Restart, _) => e(
@@ -235,16 +214,10 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
             false,
             "without persistence the restarted server has forgotten the lock: a second holder is possible until the first one's renewal finds the key gone; tokens stay above the old ones (they include the server clock), so fencing rejects the old holder",
         ),
-        (Scenario::RestartAof, _) => e(
-            Never,
-            Never,
-            true,
-            "the lock and its expiry are on disk before the grant is answered",
-        ),
-        (Scenario::ClockJump, _) => e(
-            Never,
-            Never,
-            true,
+        (Scenario::RestartAof, _) => {
+            safe("the lock and its expiry are on disk before the grant is answered")
+        }
+        (Scenario::ClockJump, _) => safe(
             "fenced measures leases with the monotonic clock, so wall-clock jumps do not matter",
         ),
     }

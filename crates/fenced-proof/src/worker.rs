@@ -19,27 +19,40 @@ use tokio::time::Instant;
 use crate::history::{LineLog, WorkerEvent, now_ns};
 use crate::resource::Directive;
 
-/// What a worker process does.
-#[derive(Debug, Clone)]
+/// What a worker process does (its command line, as `fenced-proof worker` parses it).
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
     /// The lock server URL.
+    #[arg(long)]
     pub url: String,
     /// The one lock key all workers contend on.
+    #[arg(long)]
     pub key: String,
     /// The fenced resource.
+    #[arg(long)]
     pub resource: SocketAddr,
     /// The history file of this process.
+    #[arg(long)]
     pub history: PathBuf,
     /// Id of the first worker thread; the others follow.
+    #[arg(long)]
     pub first_worker: u32,
     /// Worker threads in this process.
+    #[arg(long)]
     pub threads: u32,
-    /// Lease of each grant.
+    /// Lease of each grant, in milliseconds.
+    #[arg(long = "lease-ms", value_parser = millis)]
     pub lease: Duration,
-    /// Length of a usual critical section.
+    /// Length of a usual critical section, in milliseconds.
+    #[arg(long = "hold-ms", value_parser = millis)]
     pub hold: Duration,
     /// `CLOCK_MONOTONIC` instant (ns) at which workers stop taking the lock.
+    #[arg(long)]
     pub stop_at_ns: u64,
+}
+
+fn millis(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_millis)
 }
 
 /// Runs the worker threads to the end; returns the process exit code (0, or 1 when the

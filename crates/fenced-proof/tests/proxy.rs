@@ -134,6 +134,19 @@ async fn nothing_arrives(conn: &mut TcpStream) {
     }
 }
 
+/// An echo server, a proxy in front of it, and a client connection through it that has made one
+/// exchange (so the upstream connection exists and the server has seen the bytes).
+async fn warmed() -> (Echo, FaultProxy, TcpStream) {
+    let mut server = Echo::start(b"").await;
+    let proxy = FaultProxy::start(server.addr).await.unwrap();
+    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
+    conn.write_all(b"warm").await.unwrap();
+    assert_eq!(read_n(&mut conn, 4).await, b"warm");
+    assert!(matches!(server.next().await, Seen::Accepted));
+    assert_eq!(server.received(4).await, b"warm");
+    (server, proxy, conn)
+}
+
 async fn read_n(conn: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0; n];
     timeout(GUARD, conn.read_exact(&mut buf))
@@ -282,13 +295,7 @@ async fn partition_holds_a_large_stream_then_releases_it_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_holds_everything_then_delivers_in_order() {
-    let mut server = Echo::start(b"").await;
-    let proxy = FaultProxy::start(server.addr).await.unwrap();
-    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-    conn.write_all(b"warm").await.unwrap();
-    assert_eq!(read_n(&mut conn, 4).await, b"warm");
-    assert!(matches!(server.next().await, Seen::Accepted));
-    assert_eq!(server.received(4).await, b"warm");
+    let (mut server, proxy, mut conn) = warmed().await;
     let before = proxy.stats();
 
     proxy.set(Fault::Partition);
@@ -316,13 +323,7 @@ async fn partition_holds_everything_then_delivers_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_holds_a_half_close() {
-    let mut server = Echo::start(b"").await;
-    let proxy = FaultProxy::start(server.addr).await.unwrap();
-    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-    conn.write_all(b"warm").await.unwrap();
-    assert_eq!(read_n(&mut conn, 4).await, b"warm");
-    assert!(matches!(server.next().await, Seen::Accepted));
-    assert_eq!(server.received(4).await, b"warm");
+    let (mut server, proxy, mut conn) = warmed().await;
 
     proxy.set(Fault::Partition);
     conn.write_all(b"last").await.unwrap();
@@ -399,13 +400,7 @@ async fn connect_after_reset(proxy: &FaultProxy) -> ErrorKind {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_closes_both_sides_with_rst() {
-    let mut server = Echo::start(b"").await;
-    let proxy = FaultProxy::start(server.addr).await.unwrap();
-    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-    conn.write_all(b"warm").await.unwrap();
-    assert_eq!(read_n(&mut conn, 4).await, b"warm");
-    assert!(matches!(server.next().await, Seen::Accepted));
-    assert_eq!(server.received(4).await, b"warm");
+    let (mut server, proxy, mut conn) = warmed().await;
 
     proxy.set(Fault::Reset);
     // The RST is reported once, as ECONNRESET; after it the socket reads as closed and writes
@@ -450,12 +445,7 @@ async fn reset_closes_both_sides_with_rst() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_brief_reset_still_resets_open_connections() {
-    let mut server = Echo::start(b"").await;
-    let proxy = FaultProxy::start(server.addr).await.unwrap();
-    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-    conn.write_all(b"warm").await.unwrap();
-    assert_eq!(read_n(&mut conn, 4).await, b"warm");
-    assert!(matches!(server.next().await, Seen::Accepted));
+    let (mut server, proxy, mut conn) = warmed().await;
 
     proxy.set(Fault::Reset);
     proxy.set(Fault::None);
@@ -463,7 +453,6 @@ async fn a_brief_reset_still_resets_open_connections() {
         read_after_reset(&mut conn).await,
         Err(ErrorKind::ConnectionReset)
     );
-    assert_eq!(server.received(4).await, b"warm");
     assert!(matches!(
         server.next().await,
         Seen::Ended(Err(ErrorKind::ConnectionReset))
@@ -490,13 +479,7 @@ async fn reset_reaches_connections_waiting_out_a_partition() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reset_is_passed_upstream() {
-    let mut server = Echo::start(b"").await;
-    let proxy = FaultProxy::start(server.addr).await.unwrap();
-    let mut conn = TcpStream::connect(proxy.addr()).await.unwrap();
-    conn.write_all(b"warm").await.unwrap();
-    assert_eq!(read_n(&mut conn, 4).await, b"warm");
-    assert!(matches!(server.next().await, Seen::Accepted));
-    assert_eq!(server.received(4).await, b"warm");
+    let (mut server, proxy, conn) = warmed().await;
 
     socket2::SockRef::from(&conn)
         .set_linger(Some(Duration::ZERO))
