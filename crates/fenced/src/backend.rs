@@ -69,6 +69,14 @@ pub struct Capabilities {
     pub safety: Safety,
     /// The longest key (bytes) this backend stores.
     pub max_key_len: usize,
+    /// The longest lease this backend can promise, when it has a limit: the client shortens every
+    /// grant and extension to it, so a guard's [deadline](crate::LockGuard::deadline) is never
+    /// later than the server's. Session-bound backends set their session timeout here.
+    pub max_lease: Option<Duration>,
+    /// Waiters keep a place in a server-side FIFO queue between attempts (see
+    /// [`AcquireRequest::queue`]); the client releases a waiting owner's place when it stops
+    /// waiting.
+    pub queue: bool,
 }
 
 impl Capabilities {
@@ -80,6 +88,8 @@ impl Capabilities {
             binding,
             safety,
             max_key_len: crate::key::MAX_KEY_LEN,
+            max_lease: None,
+            queue: false,
         }
     }
 
@@ -94,6 +104,41 @@ impl Capabilities {
         self.max_key_len = len;
         self
     }
+
+    /// Sets `max_lease`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use fenced::{Binding, Capabilities, Safety};
+    /// let caps = Capabilities::new(Safety::Consensus, Binding::Session)
+    ///     .with_max_lease(Some(Duration::from_secs(10)));
+    /// assert_eq!(caps.max_lease, Some(Duration::from_secs(10)));
+    /// ```
+    pub fn with_max_lease(mut self, max: Option<Duration>) -> Self {
+        self.max_lease = max;
+        self
+    }
+
+    /// Sets `queue`.
+    pub fn with_queue(mut self, queue: bool) -> Self {
+        self.queue = queue;
+        self
+    }
+}
+
+/// The state of the server session a session-bound backend's locks live in (see
+/// [`Backend::session_state`]).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionState {
+    /// Connected; the session is alive.
+    Connected,
+    /// The connection is lost but the session may still be alive on the server: locks are
+    /// *at risk* (see [`LockGuard::is_at_risk`](crate::LockGuard::is_at_risk)) until the
+    /// connection comes back (then they are kept) or the session ends.
+    Suspended,
+    /// The session ended (expired or closed): every lock bound to it is gone.
+    Ended,
 }
 
 /// The way a lock is held. Only [`Mode::Exclusive`] exists today; shared modes and permits will be
@@ -122,6 +167,11 @@ pub struct AcquireRequest<'a> {
     pub label: &'a str,
     /// How the lock is held.
     pub mode: Mode,
+    /// The caller will wait for this key if the lock is not granted now: it holds a
+    /// [`Watch`] on the key and retries with the same owner. A backend with a server-side queue
+    /// ([`Capabilities::queue`]) keeps the request's place between attempts; when `false` (a
+    /// single try) it must leave nothing behind. Other backends ignore it.
+    pub queue: bool,
 }
 
 impl<'a> AcquireRequest<'a> {
@@ -133,7 +183,14 @@ impl<'a> AcquireRequest<'a> {
             lease,
             label,
             mode: Mode::Exclusive,
+            queue: false,
         }
+    }
+
+    /// Sets [`queue`](AcquireRequest::queue).
+    pub fn with_queue(mut self, queue: bool) -> Self {
+        self.queue = queue;
+        self
     }
 }
 
@@ -329,6 +386,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// counter is kept, so the next grant still gets a higher token.
     async fn force_release(&self, key: &Key) -> Result<Option<HolderInfo>>;
 
+    /// The state of the server session this backend's locks are bound to, for session-bound
+    /// backends ([`Binding::Session`]); `None` (the default) for backends without one. Guards
+    /// follow it: [`SessionState::Suspended`] marks them at risk, [`SessionState::Ended`] fires
+    /// their lost signal with [`LostReason::SessionEnded`](crate::LostReason::SessionEnded).
+    fn session_state(&self) -> Option<tokio::sync::watch::Receiver<SessionState>> {
+        None
+    }
+
     /// Every currently held lock whose key starts with `prefix` (all locks for `""`), with
     /// [`HolderInfo::key`] set, sorted by key. For status displays; not owner-checked and not a
     /// consistent snapshot on every backend. The default answers
@@ -395,5 +460,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
         (**self).list(prefix).await
+    }
+    fn session_state(&self) -> Option<tokio::sync::watch::Receiver<SessionState>> {
+        (**self).session_state()
     }
 }

@@ -18,7 +18,7 @@ use crate::guard::{LockGuard, LockInfo};
 use crate::key::Key;
 use crate::lease::{Held, HeldParts};
 use crate::observe::{MetricNames, Scope, Waiting, backend_error};
-use crate::options::{LockOptions, Wait, jitter};
+use crate::options::{LockOptions, MAX_WAIT, Wait, jitter};
 use crate::token::OwnerId;
 
 /// When a holder's remaining lease is unknown, waiters re-check at least this often.
@@ -405,10 +405,17 @@ impl Client {
         let label = options
             .get_label()
             .map_or_else(|| default_label().to_owned(), str::to_owned);
+        let capabilities = backend.capabilities();
+        // A backend that cannot promise long leases (a session-bound one) gets shorter ones.
+        let requested = capabilities
+            .max_lease
+            .map_or(options.get_lease(), |max| options.get_lease().min(max));
         let lease = options
             .get_max_hold()
-            .map_or(options.get_lease(), |m| m.min(options.get_lease()));
-        let request = AcquireRequest::new(&key, &owner, lease, &label);
+            .map_or(requested, |m| m.min(requested));
+        let request = AcquireRequest::new(&key, &owner, lease, &label).with_queue(!try_once);
+        // On a queueing backend a waiter's place stays on the server between attempts.
+        let queued = capabilities.queue && !try_once;
 
         // Counts this acquisition in the waiters gauge from the moment it has to wait until it
         // returns or is dropped.
@@ -432,9 +439,11 @@ impl Client {
             let sent = Instant::now();
             in_flight.armed = true;
             let reply = self.attempt(&request, options, deadline).await?;
-            in_flight.armed = false;
+            // A queued waiter's place is cleaned up if the wait ends without a grant.
+            in_flight.armed = queued;
             let holder = match reply {
                 Acquired::Granted(grant) => {
+                    in_flight.armed = false;
                     debug!(token = grant.token.get(), "fenced: granted");
                     let held = Held::new(HeldParts {
                         backend: backend.clone(),
@@ -444,7 +453,7 @@ impl Client {
                         label,
                         sent,
                         lease: grant.lease.min(lease),
-                        capped: lease < options.get_lease(),
+                        capped: lease < requested,
                         max_hold: options.get_max_hold(),
                         renew: options.get_renew(),
                         renew_every: options.renew_every_setting(),
@@ -457,6 +466,7 @@ impl Client {
             };
             let now = Instant::now();
             if try_once || deadline.is_some_and(|d| now >= d) {
+                in_flight.leave_queue().await;
                 return Err(not_acquired(&key, Some(holder), started, try_once));
             }
             waiting.get_or_insert_with(|| scope.waiting());
@@ -467,7 +477,10 @@ impl Client {
                     Some(w) => w.map_err(|e| {
                         self.failed(e.with_operation(Operation::Wait).with_key(key.as_str()))
                     })?,
-                    None => return Err(not_acquired(&key, Some(holder), started, false)),
+                    None => {
+                        in_flight.leave_queue().await;
+                        return Err(not_acquired(&key, Some(holder), started, false));
+                    }
                 };
                 watch = Some(w);
                 continue;
@@ -475,6 +488,11 @@ impl Client {
             let remaining = holder.remaining.unwrap_or(BLIND_RECHECK);
             // Wake just after the holder's lease ends, spread a little so waiters do not collide.
             let mut wake = now + remaining + Duration::from_millis(1) + jitter(remaining / 50);
+            if queued {
+                // A queued waiter's watch also reports the expiry of the entry before it (the
+                // server deletes it): only the deadline needs a timer.
+                wake = deadline.unwrap_or(now + MAX_WAIT);
+            }
             if let Some(d) = deadline {
                 wake = wake.min(d);
             }
@@ -579,6 +597,25 @@ impl InFlight {
             key,
             owner,
             armed: false,
+        }
+    }
+}
+
+impl InFlight {
+    /// Gives up a queued waiter's place on the server before reporting that the wait ended, so
+    /// that nothing of it is left when the caller hears "not acquired". If this is cut short,
+    /// `Drop` sends the release in the background.
+    async fn leave_queue(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let lock = LockRef::new(&self.key, &self.owner);
+        match self.backend.release(&lock).await {
+            Ok(_) => self.armed = false,
+            Err(e) => {
+                let e = backend_error(self.backend.name(), e.with_operation(Operation::Release));
+                debug!(key = %self.key, error = %e, "fenced: leaving the wait queue failed; retrying in the background");
+            }
         }
     }
 }

@@ -72,6 +72,7 @@ impl fmt::Display for LostReason {
 #[derive(Debug, Clone)]
 pub struct LostSignal {
     rx: watch::Receiver<Option<LostReason>>,
+    risk: watch::Receiver<bool>,
 }
 
 impl LostSignal {
@@ -83,6 +84,47 @@ impl LostSignal {
     /// Why, once lost.
     pub fn reason(&self) -> Option<LostReason> {
         *self.rx.borrow()
+    }
+
+    /// Whether the lock is *at risk*: its backend lost the connection to the server session the
+    /// lock is bound to, and cannot tell yet whether the session (and the lock) survives. It
+    /// clears when the connection comes back within the session; if the session ends, the lost
+    /// signal fires instead. Only session-bound backends (ZooKeeper) report it; on the others it
+    /// is always `false`. Pause irreversible steps while it is set.
+    pub fn is_at_risk(&self) -> bool {
+        *self.risk.borrow()
+    }
+
+    /// Resolves when [`is_at_risk`](LostSignal::is_at_risk) changes, with the new value. Never
+    /// resolves on backends that do not report it.
+    ///
+    /// ```
+    /// # async fn demo(client: fenced::Client) -> fenced::Result<()> {
+    /// let guard = client.lock("job:nightly").await?;
+    /// let signal = guard.lost_signal();
+    /// tokio::select! {
+    ///     at_risk = signal.at_risk_changed() => eprintln!("at risk: {at_risk}"),
+    ///     reason = signal.wait() => eprintln!("lost: {reason}"),
+    ///     _ = async { /* the work */ } => {}
+    /// }
+    /// guard.release().await.ok();
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe; a change between two calls is seen by comparing with `is_at_risk` first.
+    pub async fn at_risk_changed(&self) -> bool {
+        let mut rx = self.risk.clone();
+        let seen = *rx.borrow_and_update();
+        loop {
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let now = *rx.borrow_and_update();
+            if now != seen {
+                return now;
+            }
+        }
     }
 
     /// Resolves when the lock is lost or released.
@@ -194,6 +236,13 @@ impl LockGuard {
         self.deadline().saturating_duration_since(Instant::now())
     }
 
+    /// Whether the lock is at risk: the connection to the server session it is bound to is lost
+    /// and it is not known yet whether the session survives (see [`LostSignal::is_at_risk`]).
+    /// Always `false` on backends without sessions.
+    pub fn is_at_risk(&self) -> bool {
+        self.held.is_at_risk()
+    }
+
     /// Whether the lost signal has fired.
     pub fn is_lost(&self) -> bool {
         self.held.lost_reason().is_some()
@@ -243,6 +292,7 @@ impl LockGuard {
     pub fn lost_signal(&self) -> LostSignal {
         LostSignal {
             rx: self.held.lost_receiver(),
+            risk: self.held.at_risk_receiver(),
         }
     }
 

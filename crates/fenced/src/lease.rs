@@ -12,7 +12,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use crate::backend::{Backend, Confirm, LockRef};
+use crate::backend::{Backend, Binding, Confirm, LockRef, SessionState};
 use crate::error::{Error, Operation, Result};
 use crate::guard::LostReason;
 use crate::key::Key;
@@ -56,6 +56,14 @@ pub(crate) struct Held {
     /// Wakes the watchdog when the timing changed.
     poke: Notify,
     lost: watch::Sender<Option<LostReason>>,
+    /// Whether the server session the lock is bound to is suspended (connection lost).
+    at_risk: watch::Sender<bool>,
+    /// The session state of a session-bound backend, followed by the watchdog.
+    session: Option<watch::Receiver<SessionState>>,
+    /// The longest lease the backend can promise.
+    max_lease: Option<Duration>,
+    /// Whether the lock lives in a server session rather than a lease.
+    session_bound: bool,
     /// The metric labels of this lock.
     scope: Scope,
     /// Counts this lock in the holders gauge until the lost signal fires (or this is dropped).
@@ -86,6 +94,11 @@ pub(crate) struct HeldParts {
 impl Held {
     pub(crate) fn new(p: HeldParts) -> Arc<Held> {
         let (lost, _) = watch::channel(None);
+        let session = p.backend.session_state();
+        let at_risk = session
+            .as_ref()
+            .is_some_and(|s| *s.borrow() == SessionState::Suspended);
+        let capabilities = p.backend.capabilities();
         Arc::new(Held {
             backend: p.backend,
             key: p.key,
@@ -106,6 +119,10 @@ impl Held {
             extending: tokio::sync::Mutex::new(()),
             poke: Notify::new(),
             lost,
+            at_risk: watch::channel(at_risk).0,
+            session,
+            max_lease: capabilities.max_lease,
+            session_bound: capabilities.binding == Binding::Session,
             holding: p.scope.holding(p.sent),
             scope: p.scope,
         })
@@ -121,6 +138,14 @@ impl Held {
 
     pub(crate) fn lost_receiver(&self) -> watch::Receiver<Option<LostReason>> {
         self.lost.subscribe()
+    }
+
+    pub(crate) fn at_risk_receiver(&self) -> watch::Receiver<bool> {
+        self.at_risk.subscribe()
+    }
+
+    pub(crate) fn is_at_risk(&self) -> bool {
+        *self.at_risk.borrow()
     }
 
     pub(crate) fn lost_reason(&self) -> Option<LostReason> {
@@ -163,6 +188,7 @@ impl Held {
     /// Extends the lease to `lease` (capped by the maximum hold time) and makes it the lease of
     /// later automatic renewals. Updates the deadline only after the server confirmed.
     pub(crate) async fn extend(&self, lease: Duration, operation: Operation) -> Result<()> {
+        let lease = self.max_lease.map_or(lease, |max| lease.min(max));
         let _serial = self.extending.lock().await;
         if let Some(reason) = self.lost_reason() {
             return Err(Error::lost(operation, self.key.as_str(), reason));
@@ -243,6 +269,18 @@ impl Held {
         .await
     }
 
+    /// A session-bound lock does not end with its lease on the server: once the lease ran out
+    /// without renewal, release it so that it ends as on lease-bound backends (one attempt; if
+    /// the server is unreachable, the session ends it).
+    async fn end_session_lock(&self) {
+        if !self.session_bound {
+            return;
+        }
+        if let Err(e) = self.backend.release(&self.lock_ref()).await {
+            debug!(key = %self.key, error = %e, "fenced: release after the lease ran out failed; the session ends the lock");
+        }
+    }
+
     /// Keeps trying to release in the background until the server answers or the lease is over.
     pub(crate) async fn release_in_background(self: Arc<Self>) {
         let mut attempt = 0;
@@ -269,7 +307,28 @@ impl Held {
 pub(crate) async fn watchdog(held: Arc<Held>) {
     let mut failures: u32 = 0;
     let mut retry_at: Option<Instant> = None;
+    let mut session = held.session.clone();
     loop {
+        if let Some(state) = session.as_mut().map(|s| *s.borrow_and_update()) {
+            match state {
+                SessionState::Ended => {
+                    held.fire(LostReason::SessionEnded);
+                    return;
+                }
+                SessionState::Suspended => {
+                    if !held.at_risk.send_replace(true) {
+                        warn!(key = %held.key, token = held.token.get(), "fenced: the session is suspended; the lock is at risk");
+                    }
+                }
+                SessionState::Connected => {
+                    if held.at_risk.send_replace(false) {
+                        debug!(key = %held.key, "fenced: the session is back; the lock is kept");
+                        // Confirm at once that the lock survived the disconnection.
+                        retry_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
         let now = Instant::now();
         let t = held.timing();
         if held.hold_limit.is_some_and(|limit| now >= limit) {
@@ -285,6 +344,7 @@ pub(crate) async fn watchdog(held: Arc<Held>) {
             } else {
                 LostReason::Expired
             });
+            held.end_session_lock().await;
             return;
         }
         let renew_at = if held.renew {
@@ -298,9 +358,20 @@ pub(crate) async fn watchdog(held: Arc<Held>) {
             wake = wake.min(limit);
         }
         if now < wake {
+            let session_changed = async {
+                // A closed channel means the backend is gone: nothing more will change.
+                let open = match session.as_mut() {
+                    Some(s) => s.changed().await.is_ok(),
+                    None => false,
+                };
+                if !open {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = held.poke.notified() => { retry_at = None; }
+                _ = session_changed => {}
             }
             continue;
         }
@@ -327,6 +398,7 @@ pub(crate) async fn watchdog(held: Arc<Held>) {
             Err(_elapsed) => {
                 held.scope.renewal_failed();
                 held.fire(LostReason::Expired);
+                held.end_session_lock().await;
                 return;
             }
         }

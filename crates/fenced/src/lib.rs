@@ -16,7 +16,7 @@ mod url;
 
 pub use backend::{
     AcquireRequest, Acquired, Backend, Binding, Capabilities, Confirm, Grant, HolderInfo, LockRef,
-    Mode, Safety, Watch,
+    Mode, Safety, SessionState, Watch,
 };
 pub use client::Client;
 pub use error::{Error, ErrorKind, Operation, Result};

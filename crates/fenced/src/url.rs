@@ -14,6 +14,7 @@ use crate::options::LockOptions;
 /// | `memory://` or `memory://name` | in-process store shared by clients of that name | `memory` (default) |
 /// | `sqlite:///path/to/locks.db` | embedded, shared by the processes of one machine | `sqlite` (default) |
 /// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
+/// | `zk://[user:pass@]host:port[,host:port…][/chroot]` | a ZooKeeper ensemble (session-bound locks) | `zookeeper` |
 ///
 /// An unknown scheme fails with [`ErrorKind::InvalidConfig`]; a known scheme whose cargo feature
 /// is off fails with [`ErrorKind::Unsupported`] naming the feature. Passwords never appear in
@@ -89,6 +90,15 @@ impl ClientBuilder {
 }
 
 async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
+    // A list of ZooKeeper hosts (`zk://h1:2181,h2:2181/chroot`) is not a URL the `url` crate
+    // parses; the backend reads the text itself.
+    #[cfg(feature = "zookeeper")]
+    if raw
+        .get(..5)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("zk://"))
+    {
+        return crate::backends::zookeeper::open_str(raw).await;
+    }
     let url = parse(raw)?;
     let scheme = url.scheme().to_owned();
     match scheme.as_str() {

@@ -138,4 +138,7 @@ impl<B: Backend> Backend for Counting<B> {
         self.counts.admin.fetch_add(1, Ordering::Relaxed);
         self.inner.list(prefix).await
     }
+    fn session_state(&self) -> Option<tokio::sync::watch::Receiver<crate::backend::SessionState>> {
+        self.inner.session_state()
+    }
 }
