@@ -64,10 +64,6 @@ fn detached_url(url: Option<&str>) -> Result<Option<String>, String> {
                     exits; use the embedded default or a server URL"
             .to_owned());
     }
-    if url.get(..3).is_some_and(|s| s.eq_ignore_ascii_case("zk:")) {
-        return Err("zk:// locks live as long as the ZooKeeper session of the process that took them, so                     `fenced lock` would lose the lock as it exits; run the command under the lock with                     `fenced run` instead"
-            .to_owned());
-    }
     if url.starts_with("sqlite:") && !url.contains("release_on_exit=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         return Ok(Some(format!("{url}{sep}release_on_exit=false")));
@@ -81,6 +77,14 @@ pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
     if let Err(e) = options.validate() {
         print_error(&e);
         return error_code(&e);
+    }
+    if url.is_some_and(|u| u.get(..3).is_some_and(|s| s.eq_ignore_ascii_case("zk:"))) {
+        print_error(
+            "zk:// locks live as long as the ZooKeeper session of the process that took them, so \
+             `fenced lock` would lose the lock as it exits; run the command under the lock with \
+             `fenced run` instead",
+        );
+        return exit::USAGE;
     }
     let client = match connect_detached(url).await {
         Ok(client) => client,
