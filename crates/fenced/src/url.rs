@@ -15,6 +15,7 @@ use crate::options::LockOptions;
 /// | `sqlite:///path/to/locks.db` | embedded, shared by the processes of one machine | `sqlite` (default) |
 /// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
 /// | `zk://[user:pass@]host:port[,host:port…][/chroot]` | a ZooKeeper ensemble (session-bound locks) | `zookeeper` |
+/// | `etcd://[user:pass@]host:port[,host:port…]`, `etcds://…` | an etcd cluster (session-bound locks; TLS with `etcds`) | `etcd` |
 ///
 /// An unknown scheme fails with [`ErrorKind::InvalidConfig`]; a known scheme whose cargo feature
 /// is off fails with [`ErrorKind::Unsupported`] naming the feature. Passwords never appear in
@@ -99,6 +100,9 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
     {
         return crate::backends::zookeeper::open_str(raw).await;
     }
+    // Several etcd endpoints in the authority (`etcd://a:2379,b:2379`) become a parameter.
+    #[cfg(feature = "etcd")]
+    let raw = &*crate::backends::etcd::fold_endpoints(raw);
     let url = parse(raw)?;
     let scheme = url.scheme().to_owned();
     match scheme.as_str() {
@@ -144,7 +148,7 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             Operation::Connect,
             format!(
                 "the {scheme}:// backend is not part of this version of fenced yet; supported now: memory://, \
-                 sqlite://, redis://, rediss://"
+                 sqlite://, redis://, rediss://, etcd://, etcds://, zk://"
             ),
         )),
         _ => Err(Error::new(
@@ -152,7 +156,7 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             Operation::Connect,
             format!(
                 "unknown URL scheme {scheme:?} in {}; use memory://, sqlite:///path/to/locks.db, \
-                 redis://host:port or rediss://host:port",
+                 redis://host:port, rediss://host:port, etcd://host:port or zk://host:port",
                 redact(raw)
             ),
         )),
@@ -388,8 +392,11 @@ mod tests {
     async fn schemes() {
         let e = connect("ftp://x").await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidConfig);
-        let e = connect("etcd://localhost:2379").await.unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        #[cfg(not(feature = "etcd"))]
+        {
+            let e = connect("etcd://localhost:2379").await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+        }
         let e = connect("::not a url").await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidConfig);
         #[cfg(not(feature = "redis"))]
