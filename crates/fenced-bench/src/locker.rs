@@ -104,6 +104,15 @@ impl Locker for FencedLocker {
                  release channel, each message wakes the local queue's head, which runs the acquire \
                  script again; fallback wake at the holder's PTTL"
             }
+            "etcd" => {
+                "etcd: one session lease per process kept alive in the background (a keep-alive \
+                 every session_ttl/3, and one when a grant or renewal needs a fresher one); acquire \
+                 = one txn (put the owner's queue key with the lease if absent, read it and the \
+                 queue head), plus one range read for the predecessor when it has to wait; release \
+                 = one txn (read the head, delete the key); waiting: a watch on the predecessor key \
+                 only (FIFO, one wake per release), no timer; renewal = a keep-alive plus one txn \
+                 per lock; the lease is capped at session_ttl (URL default 10 s)"
+            }
             _ => "",
         };
         format!("{common}; {how}")

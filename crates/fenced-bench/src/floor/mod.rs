@@ -5,6 +5,7 @@
 //! lost-lock signal, no cancel safety. Each floor states in its `settings` exactly what it
 //! sends and how it waits.
 
+mod etcd;
 mod memory;
 mod redis;
 mod sqlite;
@@ -28,9 +29,12 @@ pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
         let channel_key = handoff.then(|| format!("{}:handoff", plan.prefix));
         let floor = redis::RedisFloor::connect(url, plan.lease, channel_key).await?;
         crate::run::measure(floor, plan).await
+    } else if url.starts_with("etcd://") {
+        let floor = etcd::EtcdFloor::connect(url, plan.lease, handoff).await?;
+        crate::run::measure(floor, plan).await
     } else {
         Err(format!(
-            "no floor for {url}; use memory://, sqlite:///path or redis://host:port"
+            "no floor for {url}; use memory://, sqlite:///path, redis://host:port or etcd://host:port"
         ))
     }
 }
