@@ -71,6 +71,19 @@ fn detached_url(url: Option<&str>) -> Result<Option<String>, String> {
     Ok(Some(url))
 }
 
+/// An etcd lock lives in the session of the client that took it, which nothing keeps alive
+/// after `fenced lock` exits: unless the URL sets `session_ttl`, the session lasts the lease
+/// (whole seconds, at least 2 s), so the lock ends with its lease as on the other stores.
+fn etcd_session_for(url: &str, lease: Duration) -> String {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("etcd" | "etcds")) || url.contains("session_ttl=") {
+        return url.to_owned();
+    }
+    let secs = (lease.as_secs() + u64::from(lease.subsec_nanos() > 0)).max(2);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}session_ttl={secs}s")
+}
+
 /// `fenced lock`.
 pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
     let options = crate::base_options(args.lease, args.wait, args.label.as_deref()).renew(false);
@@ -86,7 +99,8 @@ pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
         );
         return exit::USAGE;
     }
-    let client = match connect_detached(url).await {
+    let url = url.map(|u| etcd_session_for(u, args.lease));
+    let client = match connect_detached(url.as_deref()).await {
         Ok(client) => client,
         Err(code) => return code,
     };
