@@ -27,7 +27,7 @@ pub(crate) const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(10);
 /// The shortest session TTL accepted (etcd's own minimum lease TTL is about 2 s).
 const MIN_SESSION_TTL: Duration = Duration::from_secs(2);
 /// The longest session TTL accepted.
-const MAX_SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+const MAX_SESSION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The default per-request timeout.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 const MIN_TIMEOUT: Duration = Duration::from_millis(10);
