@@ -113,6 +113,19 @@ impl Locker for FencedLocker {
                  only (FIFO, one wake per release), no timer; renewal = a keep-alive plus one txn \
                  per lock; the lease is capped at session_ttl (URL default 10 s)"
             }
+            "zookeeper" => {
+                "zookeeper: one session per process (URL session_timeout, default 10 s; the lease \
+                 is capped at it); each key is a container node /fenced/<escaped key>; acquire = \
+                 create EPHEMERAL_SEQUENTIAL lock-<owner>-<seq> (data: lease and label) + \
+                 getChildren, granted when its node is the lowest (token = the node's czxid), else \
+                 getData of the lowest node (holder info); release = delete the node; waiting: the \
+                 node stays queued between attempts, the first failed attempt is retried at once \
+                 (getChildren + getData), then an exists-watch on the predecessor node only (FIFO, \
+                 one wake per release, no timer), each wake runs the attempt again (getChildren, and \
+                 getData while not the lowest); renewal = an exists check of the node per lock; \
+                 the server removes a key's emptied container node, and the next create that finds \
+                 it gone creates it again (two more creates)"
+            }
             _ => "",
         };
         format!("{common}; {how}")

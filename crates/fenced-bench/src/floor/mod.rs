@@ -9,6 +9,7 @@ mod etcd;
 mod memory;
 mod redis;
 mod sqlite;
+mod zookeeper;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,9 +33,13 @@ pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
     } else if url.starts_with("etcd://") {
         let floor = etcd::EtcdFloor::connect(url, plan.lease, handoff).await?;
         crate::run::measure(floor, plan).await
+    } else if url.starts_with("zk://") {
+        let floor = zookeeper::ZkFloor::connect(url, plan.lease, handoff).await?;
+        crate::run::measure(floor, plan).await
     } else {
         Err(format!(
-            "no floor for {url}; use memory://, sqlite:///path, redis://host:port or etcd://host:port"
+            "no floor for {url}; use memory://, sqlite:///path, redis://host:port, etcd://host:port \
+             or zk://host:port"
         ))
     }
 }
