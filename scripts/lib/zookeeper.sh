@@ -27,12 +27,17 @@ PY
 
 zk_ready() { [[ "$(zk_answers "$1" ruok 2>/dev/null)" == imok* ]] && zk_answers "$1" srvr 2>/dev/null | grep -q '^Mode'; }
 
-start_zookeeper() {
+# Installs Java and ZooKeeper from Debian packages when missing.
+need_zookeeper() {
   need_packages "java:default-jre-headless"
   if [[ ! -f "$ZK_JARS" ]]; then
     need_packages "zookeeper-not-installed:zookeeper"
   fi
   [[ -f "$ZK_JARS" ]] || die "ZooKeeper is not installed ($ZK_JARS is missing); apt-get install zookeeper"
+}
+
+start_zookeeper() {
+  need_zookeeper
   local dir attempt
   dir="$(run_dir)/zookeeper"
   mkdir -p "$dir/data"

@@ -155,15 +155,21 @@ async fn worker(args: &WorkerArgs, id: u32, log: &Arc<LineLog>) {
         pid: std::process::id(),
         ns: now_ns(),
     });
-    let client = match fenced::connect(&args.url).await {
-        Ok(c) => c,
-        Err(e) => {
-            log.push(&WorkerEvent::AcquireError {
-                worker: id,
-                ns: now_ns(),
-                error: e.to_string(),
-            });
-            return;
+    // A server that has just (re)started may refuse for a moment: retry transient errors.
+    let client = loop {
+        match fenced::connect(&args.url).await {
+            Ok(c) => break c,
+            Err(e) => {
+                log.push(&WorkerEvent::AcquireError {
+                    worker: id,
+                    ns: now_ns(),
+                    error: e.to_string(),
+                });
+                if !e.is_transient() || now_ns() >= args.stop_at_ns {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     };
     let mut conn = match TcpStream::connect(args.resource).await {
