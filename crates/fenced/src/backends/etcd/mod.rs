@@ -594,10 +594,15 @@ impl Backend for EtcdBackend {
         // While the transaction runs, make sure the session lease outlives the requested lease
         // (one keep-alive, shared with every other lock of this client, when the last one is too
         // old), so that a grant can promise all of it.
+        let timeout = self.inner.config.timeout;
         let (answer, alive) = tokio::join!(
             self.txn(Operation::Acquire, txn),
-            self.inner.session.alive_until(sent + request.lease)
+            tokio::time::timeout(
+                timeout,
+                self.inner.session.alive_until(sent + request.lease)
+            )
         );
+        let alive = alive.ok().flatten();
         let answer = answer?;
         if place.is_some() && !answer.succeeded() {
             self.inner.waits.clear(key, &owner);
