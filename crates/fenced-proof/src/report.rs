@@ -37,7 +37,7 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
     }
     let _ = writeln!(
         s,
-        "- Lease {} ms (renewed every third of it), {} workers per run (processes; threads for memory), seed {}.\n",
+        "- Lease {} ms (renewed every third of it; etcd runs: 2 s, its shortest session), {} workers per run (processes; threads for memory), seed {}.\n",
         ctx.lease_ms, ctx.workers, ctx.seed
     );
 

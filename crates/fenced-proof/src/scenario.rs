@@ -223,6 +223,10 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
     }
 }
 
+/// The shortest session TTL etcd accepts; etcd runs use it as their lease when the setup's is
+/// shorter.
+pub const ETCD_MIN_SESSION: Duration = Duration::from_secs(2);
+
 /// Settings shared by every run.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -414,7 +418,13 @@ async fn drive(
     dir: &Path,
     report: &mut RunReport,
 ) -> Result<(), String> {
-    let lease = setup.lease;
+    // etcd session leases are whole seconds, at least 2 s: its runs use that lease.
+    let lease = match backend {
+        BackendKind::Etcd => {
+            Duration::from_secs(setup.lease.max(ETCD_MIN_SESSION).as_secs_f64().ceil() as u64)
+        }
+        _ => setup.lease,
+    };
     let ms = |d: Duration| d.as_millis() as u64;
     let key = format!("proof:{}", scenario.name());
     let resource_log =
@@ -450,7 +460,7 @@ async fn drive(
             let url = |addr: SocketAddr| match backend {
                 BackendKind::Redis => format!("redis://{addr}/0"),
                 // Sessions end after one lease without keep-alives, like a Redis lease.
-                BackendKind::Etcd => format!("etcd://{addr}/?session_ttl={}ms", ms(lease)),
+                BackendKind::Etcd => format!("etcd://{addr}?session_ttl={}s", lease.as_secs()),
                 _ => format!("zk://{addr}?session_timeout={}ms", ms(lease)),
             };
             for _ in 0..processes {
