@@ -59,11 +59,16 @@ etcd_instance() {
   die "etcd ($name) did not start; see $dir/etcd.log"
 }
 
-start_etcd() {
+# Installs etcd, etcdctl and what building the etcd client needs (protoc and its descriptors).
+need_etcd() {
   need_packages "etcd:etcd-server" "etcdctl:etcd-client" "protoc:protobuf-compiler" "openssl:openssl"
   [[ -f /usr/include/google/protobuf/descriptor.proto ]] || need_packages "libprotobuf-dev:libprotobuf-dev"
   [[ -f /usr/include/google/protobuf/descriptor.proto ]] \
     || die "protoc cannot find google/protobuf/descriptor.proto; install libprotobuf-dev"
+}
+
+start_etcd() {
+  need_etcd
   export ETCDCTL_API=3
   etcd_instance main no
   export FENCED_TEST_ETCD_URL="etcd://127.0.0.1:${ETCD_PORT}?session_ttl=3s"

@@ -110,7 +110,8 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
 }
 
 const INTRO: &str = "\
-Each run starts a real lock store (an in-process store, an SQLite file, a Redis server), several \
+Each run starts a real lock store (an in-process store, an SQLite file, a Redis, etcd or ZooKeeper \
+server), several \
 worker processes and a *fenced resource*: a counter that the workers read, work on and write back \
 inside the lock, passing their fencing token. With fencing on, the resource refuses a read or write \
 whose token is lower than the highest it has seen; with fencing off it accepts everything. Every \
@@ -126,6 +127,11 @@ What each backend promises (see each backend's README):
 taken over as soon as its process is gone.
 - **redis** — lease-based on one server: safe while the server keeps its data and its clock; not \
 across failover to an asynchronously replicated replica (not tested here: issue 7).
+- **etcd** — consensus (Raft); each lock is a key bound to the client's session lease, kept alive \
+in the background; the token is the key's create revision. One node here (a cluster's failover is \
+not part of these runs).
+- **zookeeper** — consensus (ZAB); each lock is an ephemeral sequential node bound to the client's \
+session; the token is the node's creation zxid. One node here.
 No lease-based lock can stop a holder that is paused past its lease from acting when it resumes; \
 that is what the fencing token is for, and the `pause` rows show it doing that job.
 ";
