@@ -65,3 +65,18 @@ async fn memory_pause_stale_write_is_refused() {
     let r = run(BackendKind::Memory, Scenario::Pause).await;
     assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
 }
+
+/// A partitioned etcd holder learns it lost its session before the next holder acts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_partition_holder_stops_first() {
+    let r = run(BackendKind::Etcd, Scenario::Partition).await;
+    assert!(r.findings.lost_timely >= 1, "{:?}", r.findings);
+}
+
+/// A ZooKeeper holder stopped past its session writes when it resumes; fencing (the creation
+/// zxid) refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_pause_stale_write_is_refused() {
+    let r = run(BackendKind::Zookeeper, Scenario::Pause).await;
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
