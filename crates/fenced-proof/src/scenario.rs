@@ -580,6 +580,9 @@ async fn drive(
                 Scenario::Pause => {
                     fault_log.push(&fault("stop"));
                     signal(pid, rustix::process::Signal::STOP);
+                    // The signal is delivered asynchronously: answer only once every thread of
+                    // the worker has stopped, or its write could slip out before the pause.
+                    stopped(pid).await;
                     Directive::Continue
                 }
                 Scenario::Latency => {
@@ -719,6 +722,29 @@ fn clock_jumped(workers: &[WorkerEvent]) -> bool {
         return false;
     };
     hi - lo > 3_000 * 1_000_000_000
+}
+
+/// Waits (up to a few seconds) until every thread of process `pid` is stopped.
+async fn stopped(pid: Option<u32>) {
+    let Some(pid) = pid else { return };
+    let all_stopped = || -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name, which is in parentheses.
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+        })
+    };
+    for _ in 0..500 {
+        if all_stopped() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 fn signal(pid: Option<u32>, sig: rustix::process::Signal) {
