@@ -645,6 +645,9 @@ impl Inner {
         let data = node_data(request.lease, request.label);
         let options = zk::CreateMode::EphemeralSequential.with_acls(self.acls);
         let slot = (request.key.clone(), *request.owner);
+        // An earlier request of this owner may still be applied later (the client library can
+        // send it after a reconnect): that uncertainty stays until the owner releases.
+        let earlier = lock(&self.uncertain).contains(&slot);
         for _ in 0..8 {
             lock(&self.uncertain).insert(slot.clone());
             let reply = self
@@ -653,7 +656,9 @@ impl Inner {
                 .await?;
             match reply {
                 Ok((stat, sequence)) => {
-                    lock(&self.uncertain).remove(&slot);
+                    if !earlier {
+                        lock(&self.uncertain).remove(&slot);
+                    }
                     return Ok(Mine {
                         name: format!("lock-{}-{sequence}", request.owner),
                         czxid: stat.czxid,
@@ -663,7 +668,9 @@ impl Inner {
                     });
                 }
                 Err(zk::Error::NoNode) => {
-                    lock(&self.uncertain).remove(&slot);
+                    if !earlier {
+                        lock(&self.uncertain).remove(&slot);
+                    }
                     self.create_parents(session, &dir).await?;
                 }
                 // The request may or may not have been applied: stays uncertain.
@@ -772,7 +779,6 @@ impl Backend for ZooKeeperBackend {
                             return Ok(Acquired::Held(holder));
                         }
                     }
-                    lock(&inner.uncertain).remove(&slot);
                 }
             }
             let mut node = match mine.take() {
@@ -780,6 +786,21 @@ impl Backend for ZooKeeperBackend {
                 None => inner.create(&session, request).await?,
             };
             let children = inner.children(&session, &dir).await?;
+            // Another node of this owner is one whose creation was thought failed but was
+            // applied later: an orphan that would block the queue. Remove it and look again.
+            let orphans: Vec<&Child> = children
+                .iter()
+                .filter(|c| c.owner == *request.owner && c.name != node.name)
+                .collect();
+            if !orphans.is_empty() {
+                for orphan in orphans {
+                    inner
+                        .delete(&session, &format!("{dir}/{}", orphan.name))
+                        .await?;
+                }
+                mine = Some(node);
+                continue;
+            }
             let Some(position) = children.iter().position(|c| c.name == node.name) else {
                 // The node is gone (broken by an administrator, or its session ended):
                 // queue again.
@@ -862,6 +883,17 @@ impl Backend for ZooKeeperBackend {
             }
             _ => {
                 let children = inner.children(&session, &dir).await?;
+                // Every node of this owner goes, not just the first: a request thought failed
+                // may have been applied after a later one.
+                for extra in children
+                    .iter()
+                    .filter(|c| c.owner == *lock_ref.owner)
+                    .skip(1)
+                {
+                    inner
+                        .delete(&session, &format!("{dir}/{}", extra.name))
+                        .await?;
+                }
                 match children.iter().position(|c| c.owner == *lock_ref.owner) {
                     Some(i) => (Some(children[i].name.clone()), i == 0),
                     None => (None, false),
