@@ -46,6 +46,9 @@ pub struct Findings {
     pub acquire_errors: usize,
     /// Workers that started but were never granted the lock (no fairness between processes).
     pub starved_workers: usize,
+    /// The longest time between two consecutive grants, in milliseconds: how long the lock was
+    /// unavailable at worst (a stuck queue shows here).
+    pub longest_gap_ms: f64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -209,6 +212,25 @@ pub fn check(
     }
 
     let list: Vec<&Grant> = grants.values().collect();
+    let mut times: Vec<u64> = list.iter().map(|g| g.grant_ns).collect();
+    times.sort_unstable();
+    // Workers still waiting when the run ended count as a gap up to the end.
+    let end = workers
+        .iter()
+        .filter_map(|e| match e {
+            WorkerEvent::Stop { ns, .. } => Some(*ns),
+            _ => None,
+        })
+        .max();
+    if let (Some(end), Some(&last)) = (end, times.last()) {
+        if end > last {
+            times.push(end);
+        }
+    }
+    f.longest_gap_ms = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as f64 / 1e6)
+        .fold(0.0, f64::max);
     // Interleaved critical sections, as the resource saw them.
     let spans: Vec<(u64, u64)> = list
         .iter()

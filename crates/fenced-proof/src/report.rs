@@ -70,11 +70,11 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
     let _ = writeln!(s, "\n## Results\n");
     let _ = writeln!(
         s,
-        "| backend | scenario | fencing | grants | overlaps seen by the resource | stale writes accepted | writes rejected | lost updates | double grants | tokens out of order | recovery | loss learned: timely / late / never | left held | workers never granted | verdict |"
+        "| backend | scenario | fencing | grants | overlaps seen by the resource | stale writes accepted | writes rejected | lost updates | double grants | tokens out of order | recovery | longest without a grant | loss learned: timely / late / never | left held | workers never granted | verdict |"
     );
     let _ = writeln!(
         s,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for r in runs {
         let f = &r.findings;
@@ -85,7 +85,7 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} ms | {} / {} / {} | {} | {} | {} |",
             r.backend.name(),
             r.scenario.name(),
             if r.fencing { "on" } else { "off" },
@@ -97,6 +97,7 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
             f.grants_while_held,
             f.token_violations,
             f.recovery_ms.map_or("–".into(), |ms| format!("{ms:.0} ms")),
+            f.longest_gap_ms,
             f.lost_timely,
             f.lost_late,
             f.lost_never,
@@ -147,6 +148,8 @@ token (recomputed by the checker, not taken from the resource).
 was received and before the other's deadline, release or death).
 - **tokens out of order**: grants whose token was not above every token granted before they asked.
 - **recovery**: from the fault to the next grant to another holder.
+- **longest without a grant**: the longest time between two grants (or from the last grant to the \
+end, if workers were still waiting). More than four leases fails the run: the lock got stuck.
 - **loss learned**: for each holder superseded (another holder was granted while it still held, or \
 it learned it had lost the lock): whether it learned — the lost signal fired or \
 `LockGuard::is_valid()` turned false, whichever came first — before the new holder's first \

@@ -255,6 +255,8 @@ pub struct RunReport {
     pub scenario: Scenario,
     /// Whether the resource enforced fencing tokens.
     pub fencing: bool,
+    /// The lease of the run's grants, in milliseconds.
+    pub lease_ms: u64,
     /// Seed.
     pub seed: u64,
     /// What was expected.
@@ -295,6 +297,7 @@ pub async fn run(
         backend,
         scenario,
         fencing,
+        lease_ms: 0,
         seed: setup.seed,
         expected: expectation(backend, scenario),
         findings: Findings::default(),
@@ -342,6 +345,16 @@ fn judge(r: &RunReport) -> Vec<String> {
         format!(
             "{} grants with a token not above earlier grants",
             f.token_violations
+        ),
+    );
+    // Liveness: every fault heals within two leases, and a lease, or a session, ends within
+    // one more; a longer wait for the next grant means the lock got stuck.
+    let limit = 4.0 * r.lease_ms as f64;
+    must(
+        f.longest_gap_ms <= limit,
+        format!(
+            "the lock was not granted for {:.0} ms (more than {limit:.0} ms): stuck",
+            f.longest_gap_ms
         ),
     );
     must(
@@ -427,6 +440,7 @@ async fn drive(
     };
     let ms = |d: Duration| d.as_millis() as u64;
     let key = format!("proof:{}", scenario.name());
+    report.lease_ms = lease.as_millis() as u64;
     let resource_log =
         Arc::new(LineLog::create(&dir.join("resource.jsonl")).map_err(|e| e.to_string())?);
     let fault_log = LineLog::create(&dir.join("faults.jsonl")).map_err(|e| e.to_string())?;
@@ -761,8 +775,10 @@ async fn left_held(url: &str, key: &str, lease: Duration) -> bool {
     match client.holder(key).await {
         Ok(None) => false,
         Ok(Some(h)) => {
-            tokio::time::sleep(h.remaining.unwrap_or(lease).min(lease) + Duration::from_millis(50))
-                .await;
+            // A session-bound lock of an exited worker lasts until the server expires its
+            // session, which it checks only every few ticks: allow two leases.
+            let wait = h.remaining.unwrap_or(lease).min(lease) * 2 + Duration::from_millis(200);
+            tokio::time::sleep(wait).await;
             !matches!(client.holder(key).await, Ok(None))
         }
         Err(_) => true,
