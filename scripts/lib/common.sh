@@ -83,3 +83,19 @@ wait_for() {
   done
   return 1
 }
+
+# tls_material <dir> <server name>: a throwaway CA and a server certificate for
+# localhost/127.0.0.1 in <dir> (ca.crt, server.crt, server.key).
+tls_material() {
+  local dir="$1" what="$2"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 \
+      -subj "/CN=fenced $what test CA" >/dev/null 2>&1
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+      -subj "/CN=localhost" >/dev/null 2>&1
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > san.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
+      -days 2 -extfile san.ext >/dev/null 2>&1
+  ) || die "could not create TLS certificates for $what in $dir"
+}

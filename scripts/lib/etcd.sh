@@ -7,28 +7,13 @@
 #                           because authentication on the main one would break the other tests)
 # shellcheck shell=bash
 
-# etcd_tls_material <dir>: a CA and a server certificate for localhost/127.0.0.1.
-etcd_tls_material() {
-  local dir="$1"
-  (
-    cd "$dir"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 \
-      -subj "/CN=fenced etcd test CA" >/dev/null 2>&1
-    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
-      -subj "/CN=localhost" >/dev/null 2>&1
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > san.ext
-    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
-      -days 2 -extfile san.ext >/dev/null 2>&1
-  ) || die "could not create TLS certificates for etcd in $dir"
-}
-
 # etcd_instance <name> <tls: yes|no>: starts one member; sets ETCD_PORT and ETCD_CTL (the
 # etcdctl arguments that reach it).
 etcd_instance() {
   local name="$1" tls="$2" dir attempt
   dir="$(run_dir)/etcd-$name"
   mkdir -p "$dir"
-  [[ "$tls" == yes ]] && etcd_tls_material "$dir"
+  [[ "$tls" == yes ]] && tls_material "$dir" "etcd"
   ETCD_PORT=""
   for attempt in 1 2 3; do
     local port peer scheme=http tls_args=() ctl_tls=()

@@ -6,28 +6,13 @@
 #       FENCED_TEST_REDIS_COUNTING_URL
 # shellcheck shell=bash
 
-# redis_tls_material <dir>: a CA and a server certificate for localhost/127.0.0.1.
-redis_tls_material() {
-  local dir="$1"
-  (
-    cd "$dir"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 \
-      -subj "/CN=fenced test CA" >/dev/null 2>&1
-    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
-      -subj "/CN=localhost" >/dev/null 2>&1
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > san.ext
-    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
-      -days 2 -extfile san.ext >/dev/null 2>&1
-  ) || die "could not create TLS certificates for Redis in $dir"
-}
-
 # redis_instance <name> <tls: yes|no> <password>: starts one server; sets REDIS_PORT and
 # REDIS_TLS_PORT.
 redis_instance() {
   local name="$1" tls="$2" password="$3" dir attempt
   dir="$(run_dir)/redis-$name"
   mkdir -p "$dir"
-  [[ "$tls" == yes ]] && redis_tls_material "$dir"
+  [[ "$tls" == yes ]] && tls_material "$dir" "redis"
   REDIS_PORT=""
   for attempt in 1 2 3; do
     local port tls_port tls_args=()

@@ -16,7 +16,6 @@ fn harness() -> Harness {
     )
 }
 
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -27,9 +26,7 @@ use fenced::{
     AcquireRequest, Acquired, Backend, Client, ErrorKind, Key, LockOptions, LostReason, OwnerId,
 };
 use fenced_testkit::{connect, unique_key, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::Command;
 
 fn url() -> String {
     require_env("FENCED_TEST_ZK_URL")
@@ -424,38 +421,14 @@ async fn host_list_and_chroot() {
 }
 
 /// A holder process killed with -9: its session expires (2 s here) and a waiter gets the lock
-/// with a higher token.
+/// with a higher token (the conformance check, on the short-session URL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_holder_session_expires() {
-    let key = unique_key("zk-crash");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fenced-conformance-worker"))
-        .args(["hold", &fast_url(), &key, "2000"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn holder");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let line = within(30, "holder acquiring", lines.next_line())
-        .await
-        .expect("read")
-        .expect("holder exited early");
-    let token: u64 = line
-        .strip_prefix("granted ")
-        .and_then(|t| t.parse().ok())
-        .expect("token");
-    let client = connect(&fast_url()).await;
-    assert!(client.try_lock(&key).await.expect("try_lock").is_none());
-    child.start_kill().expect("kill -9");
-    child.wait().await.expect("reap");
-    let guard = within(
-        30,
-        "acquire after the session expired",
-        client.lock_with(&key, &LockOptions::new().wait(secs(30))),
-    )
-    .await
-    .expect("acquire");
-    assert!(guard.token().get() > token);
-    guard.release().await.expect("release");
+    fenced_testkit::suite::crashed_holder_expires(&fenced_testkit::Harness::new(
+        fast_url(),
+        env!("CARGO_BIN_EXE_fenced-conformance-worker"),
+    ))
+    .await;
 }
 
 /// A loopback TCP proxy that can cut every connection and refuse new ones.

@@ -356,6 +356,29 @@ pub(crate) fn parse_duration(s: &str) -> Option<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(secs).ok()
 }
 
+/// Reads a PEM CA certificate named by a `tls_ca=` URL parameter (TLS backends).
+#[cfg(any(feature = "redis", feature = "etcd"))]
+pub(crate) fn read_ca(path: std::path::PathBuf) -> Result<(std::path::PathBuf, Vec<u8>)> {
+    let invalid = |message| Error::new(ErrorKind::InvalidConfig, Operation::Connect, message);
+    let pem = std::fs::read(&path).map_err(|e| {
+        invalid(format!(
+            "cannot read the CA file tls_ca={} ({e}); check the path and its permissions",
+            path.display()
+        ))
+    })?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(invalid(format!(
+            "the CA file tls_ca={} holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA \
+             certificate in PEM format",
+            path.display()
+        )));
+    }
+    Ok((path, pem))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

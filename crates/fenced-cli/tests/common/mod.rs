@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
+use fenced::LockOptions;
 use fenced_testkit::{require_env, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 /// The `fenced` binary, with no URL from the environment.
@@ -81,4 +83,126 @@ pub fn stderr(out: &std::process::Output) -> String {
 
 pub fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `run`, `watch`, `status`, owner-checked `unlock` and `release --force` against the store at
+/// `url`, for backends whose locks cannot outlive the `fenced lock` process the same way.
+pub async fn run_status_unlock_release_watch(url: &str, name: &str) {
+    let url = url.to_owned();
+    let client = fenced::connect(&url).await.unwrap();
+    let prefix = fenced_testkit::unique_key(name);
+
+    // run: the command sees the token; the lock is released afterwards.
+    let key = format!("{prefix}/run");
+    let out = fenced()
+        .args([
+            "run",
+            "--url",
+            &url,
+            "--key",
+            &key,
+            "--",
+            "sh",
+            "-c",
+            "echo \"$FENCED_TOKEN\"",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let token: u64 = stdout(&out).trim().parse().expect("token printed");
+    assert!(token > 0);
+    assert!(
+        client.holder(&key).await.unwrap().is_none(),
+        "run left the lock held"
+    );
+
+    // watch: sees a lock taken.
+    let mut watch = fenced()
+        .args([
+            "watch",
+            "--url",
+            &url,
+            "--prefix",
+            &prefix,
+            "--json",
+            "--interval",
+            "50ms",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // status: a held lock with its label and token.
+    let key = format!("{prefix}/held");
+    let guard = client
+        .lock_with(&key, &LockOptions::new().label("deploy by ci"))
+        .await
+        .unwrap();
+    let out = fenced()
+        .args(["status", "--url", &url, "--prefix", &prefix])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let table = stdout(&out);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&key))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("deploy by ci") && row.contains(&guard.token().to_string()),
+        "{row}"
+    );
+    let event: serde_json::Value = serde_json::from_str(
+        &within(30, "a watch event", lines.next_line())
+            .await
+            .unwrap()
+            .expect("watch ended"),
+    )
+    .unwrap();
+    assert_eq!(event["key"].as_str(), Some(key.as_str()), "{event}");
+    assert_eq!(
+        event["token"].as_u64(),
+        Some(guard.token().get()),
+        "{event}"
+    );
+
+    // unlock by owner id from another process: owner-checked.
+    let stranger = fenced::OwnerId::random().to_string();
+    let out = fenced()
+        .args(["unlock", "--url", &url, "--key", &key, "--owner", &stranger])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(76), "{}", stderr(&out));
+    let owner = guard.owner().to_string();
+    let out = fenced()
+        .args(["unlock", "--url", &url, "--key", &key, "--owner", &owner])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    within(10, "lost after unlock", guard.lost()).await;
+    drop(guard);
+
+    // release --force breaks a held lock and says what it broke.
+    let guard = client.lock(&key).await.unwrap();
+    let out = fenced()
+        .args(["release", "--force", "--url", &url, &key])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        format!("{}{}", stdout(&out), stderr(&out)).contains(&guard.token().to_string()),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    within(10, "lost after the forced release", guard.lost()).await;
+    assert!(client.holder(&key).await.unwrap().is_none());
+    watch.start_kill().unwrap();
 }

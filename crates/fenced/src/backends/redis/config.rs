@@ -150,7 +150,7 @@ impl RedisConfig {
                      with TLS, or remove tls_ca"
                 )));
             }
-            Some(path) => Some(read_ca(PathBuf::from(path))?),
+            Some(path) => Some(crate::url::read_ca(PathBuf::from(path))?),
         };
 
         let mut target = url.clone();
@@ -194,26 +194,6 @@ fn check_prefix(prefix: &str, redacted: &str) -> Result<()> {
         ))),
         None => Ok(()),
     }
-}
-
-fn read_ca(path: PathBuf) -> Result<(PathBuf, Vec<u8>)> {
-    let pem = std::fs::read(&path).map_err(|e| {
-        invalid(format!(
-            "cannot read the CA file tls_ca={} ({e}); check the path and its permissions",
-            path.display()
-        ))
-    })?;
-    if !pem
-        .windows(b"-----BEGIN CERTIFICATE-----".len())
-        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-    {
-        return Err(invalid(format!(
-            "the CA file tls_ca={} holds no PEM certificate (-----BEGIN CERTIFICATE-----); point it at the CA \
-             certificate in PEM format",
-            path.display()
-        )));
-    }
-    Ok((path, pem))
 }
 
 #[cfg(test)]
