@@ -356,10 +356,48 @@ pub(crate) fn parse_duration(s: &str) -> Option<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(secs).ok()
 }
 
+/// A bad-configuration error from a backend's URL.
+#[cfg(any(feature = "redis", feature = "etcd", feature = "zookeeper"))]
+pub(crate) fn invalid(message: String) -> Error {
+    Error::new(ErrorKind::InvalidConfig, Operation::Connect, message)
+}
+
+/// The checks every server URL with a TLS variant shares: the scheme (`plain` or `secure`, the
+/// latter meaning TLS), a host, and no `#fragment`. Returns whether TLS is on. `name` names the
+/// store with its article ("a Redis"), `port` its usual port, `example` a complete URL.
+#[cfg(any(feature = "redis", feature = "etcd"))]
+pub(crate) fn server_url(
+    url: &url::Url,
+    redacted: &str,
+    (name, plain, secure, port): (&str, &str, &str, u16),
+    example: &str,
+) -> Result<bool> {
+    let tls = match url.scheme() {
+        s if s == plain => false,
+        s if s == secure => true,
+        other => {
+            return Err(invalid(format!(
+                "{redacted} is not {name} URL (scheme {other:?}); write {plain}://host:{port} or {secure}://host:{port}"
+            )));
+        }
+    };
+    if url.host_str().unwrap_or("").is_empty() {
+        return Err(invalid(format!(
+            "{redacted} names no host; write it like {example}"
+        )));
+    }
+    if url.fragment().is_some() {
+        return Err(invalid(format!(
+            "{redacted} has a #fragment, which fenced does not use (certificate checks cannot be turned \
+             off); remove it, and trust a private CA with ?tls_ca=/path/ca.pem instead"
+        )));
+    }
+    Ok(tls)
+}
+
 /// Reads a PEM CA certificate named by a `tls_ca=` URL parameter (TLS backends).
 #[cfg(any(feature = "redis", feature = "etcd"))]
 pub(crate) fn read_ca(path: std::path::PathBuf) -> Result<(std::path::PathBuf, Vec<u8>)> {
-    let invalid = |message| Error::new(ErrorKind::InvalidConfig, Operation::Connect, message);
     let pem = std::fs::read(&path).map_err(|e| {
         invalid(format!(
             "cannot read the CA file tls_ca={} ({e}); check the path and its permissions",

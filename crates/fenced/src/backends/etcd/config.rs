@@ -17,8 +17,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::{Error, ErrorKind, Operation, Result};
-use crate::url::redact;
+use crate::error::Result;
+use crate::url::{invalid, redact, server_url};
 
 /// The default key prefix.
 pub(crate) const DEFAULT_PREFIX: &str = "fenced";
@@ -66,10 +66,6 @@ impl fmt::Debug for EtcdConfig {
             .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
             .finish()
     }
-}
-
-fn invalid(message: String) -> Error {
-    Error::new(ErrorKind::InvalidConfig, Operation::Connect, message)
 }
 
 fn decode(text: &str, what: &str, redacted: &str) -> Result<String> {
@@ -122,27 +118,13 @@ fn endpoint(text: &str, redacted: &str) -> Result<String> {
 impl EtcdConfig {
     pub(crate) fn from_url(url: &url::Url) -> Result<Self> {
         let redacted = redact(url.as_str());
-        let tls = match url.scheme() {
-            "etcd" => false,
-            "etcds" => true,
-            other => {
-                return Err(invalid(format!(
-                    "{redacted} is not an etcd URL (scheme {other:?}); write etcd://host:2379 or etcds://host:2379"
-                )));
-            }
-        };
+        let tls = server_url(
+            url,
+            &redacted,
+            ("an etcd", "etcd", "etcds", 2379),
+            "etcd://localhost:2379",
+        )?;
         let host = url.host_str().unwrap_or("");
-        if host.is_empty() {
-            return Err(invalid(format!(
-                "{redacted} names no host; write it like etcd://localhost:2379"
-            )));
-        }
-        if url.fragment().is_some() {
-            return Err(invalid(format!(
-                "{redacted} has a #fragment, which fenced does not use (certificate checks cannot be turned \
-                 off); remove it, and trust a private CA with ?tls_ca=/path/ca.pem instead"
-            )));
-        }
         let path = url.path().trim_start_matches('/');
         if !path.is_empty() {
             return Err(invalid(format!(
@@ -340,6 +322,7 @@ pub(crate) fn fold_endpoints(raw: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     fn parse(s: &str) -> Result<EtcdConfig> {
         EtcdConfig::from_url(&url::Url::parse(&fold_endpoints(s)).unwrap())

@@ -14,8 +14,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::error::{Error, ErrorKind, Operation, Result};
-use crate::url::redact;
+use crate::error::Result;
+use crate::url::{invalid, redact, server_url};
 
 /// The default key prefix.
 pub(crate) const DEFAULT_PREFIX: &str = "fenced";
@@ -58,34 +58,15 @@ impl fmt::Debug for RedisConfig {
     }
 }
 
-fn invalid(message: String) -> Error {
-    Error::new(ErrorKind::InvalidConfig, Operation::Connect, message)
-}
-
 impl RedisConfig {
     pub(crate) fn from_url(url: &url::Url) -> Result<Self> {
         let redacted = redact(url.as_str());
-        let tls = match url.scheme() {
-            "redis" => false,
-            "rediss" => true,
-            other => {
-                return Err(invalid(format!(
-                    "{redacted} is not a Redis URL (scheme {other:?}); write redis://host:6379 or rediss://host:6379"
-                )));
-            }
-        };
-        let host = url.host_str().unwrap_or("");
-        if host.is_empty() {
-            return Err(invalid(format!(
-                "{redacted} names no host; write it like redis://localhost:6379/0"
-            )));
-        }
-        if url.fragment().is_some() {
-            return Err(invalid(format!(
-                "{redacted} has a #fragment, which fenced does not use (certificate checks cannot be turned \
-                 off); remove it, and trust a private CA with ?tls_ca=/path/ca.pem instead"
-            )));
-        }
+        let tls = server_url(
+            url,
+            &redacted,
+            ("a Redis", "redis", "rediss", 6379),
+            "redis://localhost:6379/0",
+        )?;
         let path = url.path().trim_start_matches('/');
         if !path.is_empty() && path.parse::<u32>().is_err() {
             return Err(invalid(format!(
@@ -199,6 +180,7 @@ fn check_prefix(prefix: &str, redacted: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     fn parse(s: &str) -> Result<RedisConfig> {
         RedisConfig::from_url(&url::Url::parse(s).unwrap())

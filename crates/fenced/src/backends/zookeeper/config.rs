@@ -14,8 +14,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::error::{Error, ErrorKind, Operation, Result};
-use crate::url::redact;
+use crate::error::Result;
+use crate::url::{invalid, redact};
 
 /// The default prefix node.
 pub(crate) const DEFAULT_PREFIX: &str = "fenced";
@@ -57,10 +57,6 @@ impl fmt::Debug for ZkConfig {
             .field("timeout", &self.timeout)
             .finish()
     }
-}
-
-fn invalid(message: String) -> Error {
-    Error::new(ErrorKind::InvalidConfig, Operation::Connect, message)
 }
 
 fn decode(part: &str, what: &str, redacted: &str) -> Result<String> {
@@ -270,6 +266,7 @@ fn parse_host(host: &str, redacted: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
 
     #[test]
     fn defaults_and_parameters() {
