@@ -438,15 +438,15 @@ async fn a_watch_wakes_on_release() {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pubsub_reconnect_resubscribes_and_waiters_still_wake() {
-    // The waiter connects as a Redis user of its own, so that `CLIENT KILL USER` cuts only its
-    // pub/sub connection and no other test's. The user has exactly the permissions the backend
-    // docs list, which this test checks too.
-    let prefix = prefix("reconnect");
+/// Creates a Redis user allowed only `permissions` on the keys and channels under `prefix`, and
+/// returns its name, its password and the test server's URL logging in as it.
+async fn acl_user(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    permissions: &str,
+) -> (String, String, url::Url) {
     let user = format!("fenced-test-{}", rand::random::<u32>());
     let secret = format!("pw-{:016x}", rand::random::<u64>());
-    let mut conn = raw().await;
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg(&user)
@@ -454,18 +454,30 @@ async fn pubsub_reconnect_resubscribes_and_waiters_still_wake() {
         .arg(format!(">{secret}"))
         .arg(format!("~{prefix}:*"))
         .arg(format!("&{prefix}:*"))
-        .arg(
-            "+evalsha +eval +script|load +ping +subscribe +unsubscribe +select +hmget +hset +incrby \
-             +time +del +pexpire +pttl +publish +scan +pubsub|numsub"
-                .split_whitespace()
-                .collect::<Vec<_>>(),
-        )
-        .query_async(&mut conn)
+        .arg(permissions.split_whitespace().collect::<Vec<_>>())
+        .query_async(conn)
         .await
         .unwrap();
     let mut url = url::Url::parse(&redis_url()).unwrap();
     url.set_username(&user).unwrap();
     url.set_password(Some(&secret)).unwrap();
+    (user, secret, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_reconnect_resubscribes_and_waiters_still_wake() {
+    // The waiter connects as a Redis user of its own, so that `CLIENT KILL USER` cuts only its
+    // pub/sub connection and no other test's. The user has exactly the permissions the backend
+    // docs list, which this test checks too.
+    let prefix = prefix("reconnect");
+    let mut conn = raw().await;
+    let (user, _, mut url) = acl_user(
+        &mut conn,
+        &prefix,
+        "+evalsha +eval +script|load +ping +subscribe +unsubscribe +select +hmget +hset +incrby \
+             +time +del +pexpire +pttl +publish +scan +pubsub|numsub",
+    )
+    .await;
     url.set_query(Some(&format!("prefix={prefix}")));
     let backend = RedisBackend::connect(url.as_str())
         .await
@@ -538,28 +550,14 @@ async fn waiting_degrades_to_backoff_when_subscribing_fails() {
     // A user that may publish but not subscribe: the watch cannot be confirmed, so waiting falls
     // back to re-checking with backoff instead of failing the lock.
     let prefix = prefix("degraded");
-    let user = format!("fenced-test-{}", rand::random::<u32>());
-    let secret = format!("pw-{:016x}", rand::random::<u64>());
     let mut conn = raw().await;
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(format!(">{secret}"))
-        .arg(format!("~{prefix}:*"))
-        .arg(format!("&{prefix}:*"))
-        .arg(
-            "+evalsha +eval +script|load +ping +select +hmget +hset +incrby +time +del +pexpire +pttl \
-             +publish"
-                .split_whitespace()
-                .collect::<Vec<_>>(),
-        )
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(&redis_url()).unwrap();
-    url.set_username(&user).unwrap();
-    url.set_password(Some(&secret)).unwrap();
+    let (user, _, mut url) = acl_user(
+        &mut conn,
+        &prefix,
+        "+evalsha +eval +script|load +ping +select +hmget +hset +incrby +time +del +pexpire +pttl \
+             +publish",
+    )
+    .await;
     url.set_query(Some(&format!("prefix={prefix}&timeout=300ms")));
     let waiter = Client::new(RedisBackend::connect(url.as_str()).await.unwrap());
     let holder = Client::new(
@@ -924,28 +922,14 @@ async fn a_user_without_scan_or_numsub_gets_clear_answers() {
     // The permissions of the documented ACL line except the two used only for status: holder
     // still works (without a waiter count), list fails with a message naming the problem.
     let prefix = prefix("acl-list");
-    let user = format!("fenced-test-{}", rand::random::<u32>());
-    let secret = format!("pw-{:016x}", rand::random::<u64>());
     let mut conn = raw().await;
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(&user)
-        .arg("on")
-        .arg(format!(">{secret}"))
-        .arg(format!("~{prefix}:*"))
-        .arg(format!("&{prefix}:*"))
-        .arg(
-            "+evalsha +eval +script|load +ping +subscribe +unsubscribe +select +hmget +hset +incrby \
-             +time +del +pexpire +pttl +publish"
-                .split_whitespace()
-                .collect::<Vec<_>>(),
-        )
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(&redis_url()).unwrap();
-    url.set_username(&user).unwrap();
-    url.set_password(Some(&secret)).unwrap();
+    let (user, secret, mut url) = acl_user(
+        &mut conn,
+        &prefix,
+        "+evalsha +eval +script|load +ping +subscribe +unsubscribe +select +hmget +hset +incrby \
+             +time +del +pexpire +pttl +publish",
+    )
+    .await;
     url.set_query(Some(&format!("prefix={prefix}")));
     let client = fenced::connect(url.as_str()).await.unwrap();
     let guard = client.lock("k").await.unwrap();
