@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Store, fenced, send, stderr, stdout};
+use common::{Store, assert_exit, fenced, send, stderr, stdout};
 use fenced::LockOptions;
 use fenced_testkit::{unique_key, within};
 use rustix::process::Signal;
@@ -31,13 +31,7 @@ async fn lock_status_unlock() {
             .output()
             .await
             .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}: {}",
-            store.name,
-            stderr(&out)
-        );
+        assert_exit(&out, 0, store.name);
         let text = stdout(&out);
         let (owner, token) = text.trim().split_once(' ').expect("OWNER TOKEN");
         let token: u64 = token.parse().unwrap();

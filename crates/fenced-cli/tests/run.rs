@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Store, fenced, send, stderr, stdout, until_held};
+use common::{Store, assert_exit, fenced, send, stderr, stdout, until_held};
 use fenced::LockOptions;
 use fenced_testkit::{unique_key, within};
 use rustix::process::Signal;
@@ -24,13 +24,7 @@ async fn runs_the_command_with_the_token_and_propagates_its_exit_code() {
             .output()
             .await
             .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(7),
-            "{}: {}",
-            store.name,
-            stderr(&out)
-        );
+        assert_exit(&out, 7, store.name);
         let text = stdout(&out);
         let fields: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(fields.len(), 3, "{text}");
@@ -56,13 +50,7 @@ async fn runs_the_command_with_the_token_and_propagates_its_exit_code() {
             .output()
             .await
             .unwrap();
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}: {}",
-            store.name,
-            stderr(&out)
-        );
+        assert_exit(&out, 0, store.name);
         let next: u64 = stdout(&out).trim().parse().unwrap();
         assert!(next > token, "{}: {next} after {token}", store.name);
         assert!(
@@ -238,35 +226,17 @@ async fn steal_behind(store: &Store, on_lost: &str, command: &[&str]) -> std::pr
 async fn lost_lock_stops_the_command_with_79() {
     for store in Store::all() {
         let out = steal_behind(&store, "term", &["sleep", "60"]).await;
-        assert_eq!(
-            out.status.code(),
-            Some(79),
-            "{}: {}",
-            store.name,
-            stderr(&out)
-        );
+        assert_exit(&out, 79, store.name);
         assert!(stderr(&out).contains("lost"), "{}", stderr(&out));
         assert!(stderr(&out).contains("SIGTERM"), "{}", stderr(&out));
 
         // A command that ignores SIGTERM is killed with kill.
         let out = steal_behind(&store, "kill", &["sh", "-c", "trap '' TERM; sleep 60"]).await;
-        assert_eq!(
-            out.status.code(),
-            Some(79),
-            "{}: {}",
-            store.name,
-            stderr(&out)
-        );
+        assert_exit(&out, 79, store.name);
 
         // ignore: reported, and the command finishes with its own status.
         let out = steal_behind(&store, "ignore", &["sh", "-c", "sleep 2; echo finished"]).await;
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}: {}",
-            store.name,
-            stderr(&out)
-        );
+        assert_exit(&out, 0, store.name);
         assert!(stdout(&out).contains("finished"));
         assert!(
             stderr(&out).contains("--on-lost ignore"),

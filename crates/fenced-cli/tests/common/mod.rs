@@ -77,6 +77,11 @@ pub fn send(child: &tokio::process::Child, signal: rustix::process::Signal) {
     .expect("kill");
 }
 
+/// Asserts the command exited with `code`, showing `what` and its stderr otherwise.
+pub fn assert_exit(out: &std::process::Output, code: i32, what: &str) {
+    assert_eq!(out.status.code(), Some(code), "{what}: {}", stderr(out));
+}
+
 pub fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
