@@ -56,6 +56,17 @@ impl BackendKind {
         }
     }
 
+    /// The lease its runs use for a wanted one: etcd session leases are whole seconds, at least
+    /// [`ETCD_MIN_SESSION`].
+    pub fn lease(self, wanted: Duration) -> Duration {
+        match self {
+            BackendKind::Etcd => {
+                Duration::from_secs(wanted.max(ETCD_MIN_SESSION).as_secs_f64().ceil() as u64)
+            }
+            _ => wanted,
+        }
+    }
+
     /// Whether it runs behind a network server.
     pub fn networked(self) -> bool {
         !matches!(self, BackendKind::Memory | BackendKind::Sqlite)
@@ -431,13 +442,7 @@ async fn drive(
     dir: &Path,
     report: &mut RunReport,
 ) -> Result<(), String> {
-    // etcd session leases are whole seconds, at least 2 s: its runs use that lease.
-    let lease = match backend {
-        BackendKind::Etcd => {
-            Duration::from_secs(setup.lease.max(ETCD_MIN_SESSION).as_secs_f64().ceil() as u64)
-        }
-        _ => setup.lease,
-    };
+    let lease = backend.lease(setup.lease);
     let ms = |d: Duration| d.as_millis() as u64;
     let key = format!("proof:{}", scenario.name());
     report.lease_ms = lease.as_millis() as u64;
