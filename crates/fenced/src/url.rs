@@ -16,6 +16,8 @@ use crate::options::LockOptions;
 /// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
 /// | `zk://[user:pass@]host:port[,host:port…][/chroot]` | a ZooKeeper ensemble (session-bound locks) | `zookeeper` |
 /// | `etcd://[user:pass@]host:port[,host:port…]`, `etcds://…` | an etcd cluster (session-bound locks; TLS with `etcds`) | `etcd` |
+/// | `postgres://user:pass@host:port/db[?mode=session]` | PostgreSQL (lease rows, or advisory locks in session mode) | `postgres` |
+/// | `mysql://user:pass@host:port/db[?mode=session]` | MySQL or MariaDB (lease rows, or `GET_LOCK` in session mode) | `mysql` |
 ///
 /// An unknown scheme fails with [`ErrorKind::InvalidConfig`]; a known scheme whose cargo feature
 /// is off fails with [`ErrorKind::Unsupported`] naming the feature. Passwords never appear in
@@ -142,13 +144,24 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             #[cfg(not(feature = "zookeeper"))]
             return Err(feature_off(&scheme, "zookeeper"));
         }
-        "postgres" | "postgresql" | "mysql" | "mariadb" | "redlock" | "redis+cluster"
-        | "redis+sentinel" => Err(Error::new(
+        "postgres" | "postgresql" => {
+            #[cfg(feature = "postgres")]
+            return crate::backends::postgres::open(&url).await;
+            #[cfg(not(feature = "postgres"))]
+            return Err(feature_off(&scheme, "postgres"));
+        }
+        "mysql" | "mariadb" => {
+            #[cfg(feature = "mysql")]
+            return crate::backends::mysql::open(&url).await;
+            #[cfg(not(feature = "mysql"))]
+            return Err(feature_off(&scheme, "mysql"));
+        }
+        "redlock" | "redis+cluster" | "redis+sentinel" => Err(Error::new(
             ErrorKind::Unsupported,
             Operation::Connect,
             format!(
                 "the {scheme}:// backend is not part of this version of fenced yet; supported now: memory://, \
-                 sqlite://, redis://, rediss://, etcd://, etcds://, zk://"
+                 sqlite://, redis://, rediss://, etcd://, etcds://, zk://, postgres://, mysql://"
             ),
         )),
         _ => Err(Error::new(
@@ -156,7 +169,8 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             Operation::Connect,
             format!(
                 "unknown URL scheme {scheme:?} in {}; use memory://, sqlite:///path/to/locks.db, \
-                 redis://host:port, rediss://host:port, etcd://host:port or zk://host:port",
+                 redis://host:port, rediss://host:port, etcd://host:port, zk://host:port, \
+                 postgres://user@host/db or mysql://user@host/db",
                 redact(raw)
             ),
         )),
@@ -357,7 +371,13 @@ pub(crate) fn parse_duration(s: &str) -> Option<std::time::Duration> {
 }
 
 /// A bad-configuration error from a backend's URL.
-#[cfg(any(feature = "redis", feature = "etcd", feature = "zookeeper"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "postgres",
+    feature = "mysql"
+))]
 pub(crate) fn invalid(message: String) -> Error {
     Error::new(ErrorKind::InvalidConfig, Operation::Connect, message)
 }
@@ -396,7 +416,12 @@ pub(crate) fn server_url(
 }
 
 /// Reads a PEM CA certificate named by a `tls_ca=` URL parameter (TLS backends).
-#[cfg(any(feature = "redis", feature = "etcd"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "postgres",
+    feature = "mysql"
+))]
 pub(crate) fn read_ca(path: std::path::PathBuf) -> Result<(std::path::PathBuf, Vec<u8>)> {
     let pem = std::fs::read(&path).map_err(|e| {
         invalid(format!(
