@@ -84,6 +84,23 @@ fn etcd_session_for(url: &str, lease: Duration) -> String {
     format!("{url}{sep}session_ttl={secs}s")
 }
 
+/// What kind of lock dies with the process that took it (its server session is the process's
+/// connection): ZooKeeper locks, and the session mode of PostgreSQL and MySQL.
+fn dies_with_process(url: &str) -> Option<&'static str> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase())?;
+    if scheme == "zk" {
+        return Some("zk://");
+    }
+    let session = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p == "mode=session"));
+    match scheme.as_str() {
+        "postgres" | "postgresql" if session => Some("PostgreSQL session-mode"),
+        "mysql" | "mariadb" if session => Some("MySQL session-mode"),
+        _ => None,
+    }
+}
+
 /// `fenced lock`.
 pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
     let options = crate::base_options(args.lease, args.wait, args.label.as_deref()).renew(false);
@@ -91,12 +108,11 @@ pub(crate) async fn lock(url: Option<&str>, args: LockArgs, ui: Ui) -> u8 {
         print_error(&e);
         return error_code(&e);
     }
-    if url.is_some_and(|u| u.get(..3).is_some_and(|s| s.eq_ignore_ascii_case("zk:"))) {
-        print_error(
-            "zk:// locks live as long as the ZooKeeper session of the process that took them, so \
-             `fenced lock` would lose the lock as it exits; run the command under the lock with \
-             `fenced run` instead",
-        );
+    if let Some(kind) = url.and_then(dies_with_process) {
+        print_error(format!(
+            "{kind} locks live as long as the session of the process that took them, so `fenced lock` \
+             would lose the lock as it exits; run the command under the lock with `fenced run` instead"
+        ));
         return exit::USAGE;
     }
     let url = url.map(|u| etcd_session_for(u, args.lease));

@@ -165,7 +165,12 @@ async fn failing_backends_have_their_codes() {
     assert!(!err.contains("not-the-password-1234"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
-    let (code, err) = run(&["status", "--url", "postgres://127.0.0.1:5432"]).await;
+    let (code, err) = run(&[
+        "status",
+        "--url",
+        "redis+sentinel://127.0.0.1:26379/primary",
+    ])
+    .await;
     assert_eq!(code, Some(78), "backend not in this version: {err}");
 }
 

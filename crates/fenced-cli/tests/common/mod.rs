@@ -43,9 +43,18 @@ impl Store {
         }
     }
 
-    /// Every store shared between processes.
+    /// PostgreSQL in lease mode (`fenced lock` works with it: the row outlives the process).
+    pub fn postgres() -> Store {
+        Store {
+            name: "postgres",
+            url: require_env("FENCED_TEST_PG_URL"),
+            _dir: None,
+        }
+    }
+
+    /// Every store shared between processes whose locks can outlive the process.
     pub fn all() -> Vec<Store> {
-        vec![Store::sqlite(), Store::redis()]
+        vec![Store::sqlite(), Store::redis(), Store::postgres()]
     }
 
     pub async fn client(&self) -> fenced::Client {
