@@ -288,3 +288,68 @@ async fn tls_with_a_private_ca() {
         .expect("acquire over TLS");
     g.release().await.expect("release");
 }
+
+/// The fencing condition guards the caller's own writes in the same database: the holder's
+/// write lands; once the lock changed hands, the old holder's write changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_condition_rejects_a_former_holders_write() {
+    use fenced::backends::postgres::fence_condition;
+    let key = unique_key("pg-fence");
+    let table = format!("fence_demo_{:x}", rand_suffix());
+    psql(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, balance int); INSERT INTO {table} VALUES (1, 0); \
+         GRANT ALL ON {table} TO fenced"
+    ));
+    let sql = format!(
+        "UPDATE {table} SET balance = balance + $1 WHERE id = 1 AND {}",
+        fence_condition("fenced_locks", 2, 3)
+    );
+    // The application's own connection, as it would write its data.
+    let (app, connection) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .expect("app connects");
+    tokio::spawn(connection);
+    let app = &app;
+    let write = |guard: &fenced::LockGuard, amount: i32| {
+        let (sql, key, token) = (
+            sql.clone(),
+            guard.key().as_str().to_owned(),
+            guard.token().get() as i64,
+        );
+        async move {
+            app.execute(&sql, &[&amount, &key, &token])
+                .await
+                .expect("update")
+        }
+    };
+    for mode_url in [url(), session_url()] {
+        let a = fenced_testkit::connect(&mode_url).await;
+        let b = fenced_testkit::connect(&mode_url).await;
+        let old = a.lock(&key).await.expect("acquire");
+        assert_eq!(write(&old, 1).await, 1);
+        a.force_release(&key).await.expect("force");
+        let new = b.lock(&key).await.expect("acquire");
+        assert_eq!(
+            write(&old, 100).await,
+            0,
+            "the former holder's write landed"
+        );
+        assert_eq!(write(&new, 10).await, 1);
+        let released = write(&new, 1000);
+        new.release().await.expect("release");
+        assert_eq!(released.await, 0, "a released grant's write landed");
+    }
+    assert_eq!(
+        psql(&format!("SELECT balance FROM {table} WHERE id = 1")),
+        "22"
+    );
+    psql(&format!("DROP TABLE {table}"));
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ u64::from(std::process::id())
+}

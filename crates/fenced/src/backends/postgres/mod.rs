@@ -251,6 +251,35 @@ pub fn schema_sql(table: &str) -> String {
     )
 }
 
+/// A fencing condition for your own statements in the same database: true only while the
+/// grant with the token in parameter `$token_param` still holds the key in parameter
+/// `$key_param` (owner set, lease running, and for session mode its session alive). It locks
+/// the lock row `FOR SHARE`, so no other client can take the lock over until your transaction
+/// ends: a write guarded by it cannot land after the lock changed hands, even if the holder
+/// paused past its lease.
+///
+/// Bind the key as `text` and the token as `bigint`
+/// ([`FencingToken::get`](crate::FencingToken::get) `as i64`).
+///
+/// ```
+/// use fenced::backends::postgres::fence_condition;
+/// let sql = format!(
+///     "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND {}",
+///     fence_condition("fenced_locks", 3, 4)
+/// );
+/// assert!(sql.contains("lock_key = $3") && sql.contains("token = $4") && sql.contains("FOR SHARE"));
+/// // Run it with the guard's key and token:
+/// // client.execute(&sql, &[&amount, &account_id, &guard.key().as_str(), &(guard.token().get() as i64)])
+/// // and treat "0 rows" as "the lock was lost: do not write".
+/// ```
+pub fn fence_condition(table: &str, key_param: usize, token_param: usize) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM {table} f WHERE f.lock_key = ${key_param}::text \
+         AND f.token = ${token_param}::bigint AND {} FOR SHARE OF f)",
+        live("f")
+    )
+}
+
 /// The statements that let `user` use an existing lock table.
 fn grant_sql(table: &str, user: &str) -> String {
     format!(
