@@ -353,3 +353,55 @@ fn rand_suffix() -> u64 {
         .unwrap_or(0)
         ^ u64::from(std::process::id())
 }
+
+/// Session mode: when the holder's session ends without a release (no notification is sent),
+/// a waiter is granted at once, while the dead holder's row still shows lease left (compared
+/// on the database's clock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_waiter_is_granted_when_the_holder_session_ends() {
+    let key = unique_key("pg-session-gone");
+    let long = format!(
+        "{}?mode=session&session_timeout=60s",
+        require_env("FENCED_TEST_PG_URL")
+    );
+    let b = backend(&long).await;
+    let pid = b.server_pid().await.expect("pid");
+    let holder = Client::new(b);
+    let g = holder.lock(&key).await.expect("acquire");
+    let waiter_client = fenced_testkit::connect(&long).await;
+    let waiter = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            waiter_client
+                .lock_with(&key, &LockOptions::new().wait(Duration::from_secs(120)))
+                .await
+        })
+    };
+    within(30, "waiter watching", async {
+        while psql(&format!(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND mode = 'ShareLock' AND pid <> {pid}"
+        )) == "0"
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let dead_until = psql(&format!(
+        "SELECT expires_at FROM fenced_locks WHERE lock_key = '{key}'"
+    ));
+    psql(&format!("SELECT pg_terminate_backend({pid})"));
+    let next = within(120, "waiter granted", waiter)
+        .await
+        .expect("task")
+        .expect("waiter acquire");
+    assert!(next.token() > g.token());
+    assert_eq!(
+        psql(&format!(
+            "SELECT granted_at < '{dead_until}'::timestamptz FROM fenced_locks WHERE lock_key = '{key}'"
+        )),
+        "t",
+        "the waiter was granted only when the dead holder's lease ended, not when its session ended"
+    );
+    next.release().await.expect("release");
+}

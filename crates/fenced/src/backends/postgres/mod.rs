@@ -1045,7 +1045,15 @@ impl Backend for PostgresBackend {
     }
 
     async fn watch(&self, key: &Key) -> Result<Box<dyn Watch>> {
-        self.inner.notifier.watch(self.channel(key)).await
+        let notify = self.inner.notifier.watch(self.channel(key)).await?;
+        Ok(match self.mode() {
+            SqlMode::Session => Box::new(wait::SessionWatch::new(
+                notify,
+                self.inner.connector.clone(),
+                self.lock_id(key),
+            )),
+            _ => notify,
+        })
     }
 
     async fn holder(&self, key: &Key) -> Result<Option<HolderInfo>> {

@@ -286,3 +286,98 @@ async fn listen(
         tokio::time::sleep(backoff).await;
     }
 }
+
+/// Session mode: a waiter also learns at once when the holder's session ends without a release
+/// (its process killed, its connection cut, its session ended by the server): a second
+/// connection waits in `pg_advisory_lock_shared(id)`, which the server grants the moment the
+/// holder's exclusive advisory lock goes, and gives it back in the same round trip. It only
+/// waits while some session holds the id exclusively (checked in `pg_locks` in the same
+/// statement), so a key held by a lease-mode client (no advisory lock) never makes it spin.
+pub(crate) struct SessionWatch {
+    notify: Box<dyn Watch>,
+    connector: Arc<Connector>,
+    id: i64,
+    arm: Option<tokio::task::JoinHandle<bool>>,
+}
+
+impl SessionWatch {
+    pub(crate) fn new(notify: Box<dyn Watch>, connector: Arc<Connector>, id: i64) -> Self {
+        SessionWatch {
+            notify,
+            connector,
+            id,
+            arm: None,
+        }
+    }
+}
+
+impl fmt::Debug for SessionWatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionWatch")
+            .field("id", &self.id)
+            .field("armed", &self.arm.is_some())
+            .finish()
+    }
+}
+
+impl Drop for SessionWatch {
+    fn drop(&mut self) {
+        // Dropping the waiting connection makes the server drop its lock request.
+        if let Some(arm) = self.arm.take() {
+            arm.abort();
+        }
+    }
+}
+
+/// Waits on a new connection until the holder's exclusive advisory lock on `id` goes; `true`
+/// when it went, `false` when nobody held it (or the connection failed).
+async fn session_gone(connector: Arc<Connector>, id: i64) -> bool {
+    let Ok((client, connection)) = connector.raw_connect().await else {
+        return false;
+    };
+    let task = tokio::spawn(connection);
+    let (high, low) = ((id as u64 >> 32) as i64, (id as u64 & 0xffff_ffff) as i64);
+    let sql = format!(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks p WHERE p.locktype = 'advisory' AND p.granted \
+         AND p.mode = 'ExclusiveLock' AND p.database = (SELECT oid FROM pg_database WHERE datname = \
+         current_database()) AND p.classid::text::int8 = {high} AND p.objid::text::int8 = {low} \
+         AND p.objsubid = 1) THEN pg_advisory_lock_shared({id})::text = '' ELSE false END; \
+         SELECT pg_advisory_unlock_shared({id}) FROM pg_locks p WHERE p.locktype = 'advisory' \
+         AND p.pid = pg_backend_pid() AND p.mode = 'ShareLock' AND p.classid::text::int8 = {high} \
+         AND p.objid::text::int8 = {low} AND p.objsubid = 1"
+    );
+    let went = match client.simple_query(&sql).await {
+        Ok(messages) => messages.iter().any(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0) == Some("t"),
+            _ => false,
+        }),
+        Err(e) => {
+            debug!(error = %e, "fenced: PostgreSQL session watch failed");
+            false
+        }
+    };
+    drop(client);
+    task.abort();
+    went
+}
+
+#[async_trait]
+impl Watch for SessionWatch {
+    async fn changed(&mut self) -> Result<()> {
+        let arm = self
+            .arm
+            .get_or_insert_with(|| tokio::spawn(session_gone(self.connector.clone(), self.id)));
+        tokio::select! {
+            changed = self.notify.changed() => changed,
+            went = arm => {
+                self.arm = None;
+                if went.unwrap_or(false) {
+                    return Ok(());
+                }
+                // Nobody holds the advisory lock: only a notification (or the client's timer)
+                // can tell of a change now.
+                self.notify.changed().await
+            }
+        }
+    }
+}
