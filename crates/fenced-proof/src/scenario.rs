@@ -33,16 +33,24 @@ pub enum BackendKind {
     Etcd,
     /// One ZooKeeper node; workers are processes, each behind its own fault proxy.
     Zookeeper,
+    /// One PostgreSQL server in lease mode (a row whose expiry the database's clock sets);
+    /// workers are processes, each behind its own fault proxy.
+    PostgresLease,
+    /// One PostgreSQL server in session mode (the row plus an advisory lock on the client's
+    /// dedicated connection, which the server ends after `session_timeout` of silence).
+    PostgresSession,
 }
 
 impl BackendKind {
     /// All of them.
-    pub const ALL: [BackendKind; 5] = [
+    pub const ALL: [BackendKind; 7] = [
         BackendKind::Memory,
         BackendKind::Sqlite,
         BackendKind::Redis,
         BackendKind::Etcd,
         BackendKind::Zookeeper,
+        BackendKind::PostgresLease,
+        BackendKind::PostgresSession,
     ];
 
     /// Its name.
@@ -53,16 +61,20 @@ impl BackendKind {
             BackendKind::Redis => "redis",
             BackendKind::Etcd => "etcd",
             BackendKind::Zookeeper => "zookeeper",
+            BackendKind::PostgresLease => "postgres-lease",
+            BackendKind::PostgresSession => "postgres-session",
         }
     }
 
     /// The lease its runs use for a wanted one: etcd session leases are whole seconds, at least
-    /// [`ETCD_MIN_SESSION`].
+    /// [`ETCD_MIN_SESSION`]; an SQL session timeout is at least [`SQL_MIN_SESSION`] (the
+    /// session is that long and a session-mode grant nine tenths of it).
     pub fn lease(self, wanted: Duration) -> Duration {
         match self {
             BackendKind::Etcd => {
                 Duration::from_secs(wanted.max(ETCD_MIN_SESSION).as_secs_f64().ceil() as u64)
             }
+            BackendKind::PostgresSession => wanted.max(SQL_MIN_SESSION),
             _ => wanted,
         }
     }
@@ -193,7 +205,47 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
     };
     // Nothing may go wrong, and a superseded holder must learn it first.
     let safe = |why| e(Never, Never, true, why);
+    use BackendKind::{PostgresLease, PostgresSession};
     match (scenario, backend) {
+        (Scenario::Kill, PostgresSession) => safe(
+            "the dead holder's connection closes with its process: the server ends its session, which frees the advisory lock at once, and the next waiter gets the lock when it next tries",
+        ),
+        (Scenario::Pause, PostgresSession) => e(
+            Certain,
+            Never,
+            false,
+            "the stopped holder's connection falls silent: the server ends it after session_timeout (idle_session_timeout, one lease; the grant lasted nine tenths of it), which frees the advisory lock, and another holder acts; the stopped one writes when it resumes and only the fencing token stops that write; it learns of the loss once it runs again",
+        ),
+        (Scenario::Pause, PostgresLease) => e(
+            Certain,
+            Never,
+            false,
+            "the row's expiry, set by the database's clock, passes while the holder is stopped: another holder acts, and the stopped one writes when it resumes; only the fencing token stops that write; its lost signal can only fire once it runs again",
+        ),
+        (Scenario::Latency, PostgresSession) => safe(
+            "200 ms each way makes every round trip (400 ms) longer than the statement timeout (a third of the session), so renewals fail and the holder must stop at its deadline; the renewals still arrive, so the server keeps the session and the row until the holder releases",
+        ),
+        (Scenario::Partition | Scenario::OnewayUp, PostgresSession) => safe(
+            "no statement arrives, so the holder's deadline (nine tenths of the session after its last renewal was sent) passes first; the server still sees the proxy's connection alive and ends the silent session only after session_timeout, which then frees the lock",
+        ),
+        (Scenario::OnewayDown, PostgresSession) => safe(
+            "renewals arrive (the session is not silent and the row's lease is extended) but their answers do not; the holder stops at its deadline, and the server keeps the lock until its release arrives or the row's lease ends",
+        ),
+        (Scenario::Reset, PostgresSession) => e(
+            Never,
+            Possible,
+            true,
+            "the reset ends the dedicated connection, and with it the session and its advisory lock: the server frees the lock at once, possibly before the grant's deadline (a double grant by the deadline, by design of session mode); the holder's client sees the same reset and is told (lost signal) before the next holder can act",
+        ),
+        (Scenario::Restart, PostgresLease) => safe(
+            "the lock table is on disk (commits are synced before they are answered), so the lock survives the crash with its expiry from the database's clock; the holder renews after the restart or stops at its deadline, before the row expires",
+        ),
+        (Scenario::Restart, PostgresSession) => e(
+            Never,
+            Possible,
+            true,
+            "the rows survive the crash but every session ends and the restarted server holds no advisory locks, so a session-mode lock is free as soon as the server is back, possibly before the grant's deadline (a double grant by the deadline); the holder's connection breaks with the crash, so it is told before the server is back",
+        ),
         (Scenario::Kill, BackendKind::Sqlite) => safe(
             "a dead holder's lock is taken over at once (its process is gone) or when its lease ends",
         ),
@@ -237,6 +289,9 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
 /// The shortest session TTL etcd accepts; etcd runs use it as their lease when the setup's is
 /// shorter.
 pub const ETCD_MIN_SESSION: Duration = Duration::from_secs(2);
+
+/// The shortest `session_timeout` the SQL backends accept.
+pub const SQL_MIN_SESSION: Duration = Duration::from_secs(1);
 
 /// Settings shared by every run.
 #[derive(Debug, Clone)]
@@ -467,12 +522,13 @@ async fn drive(
     let direct_url = match backend {
         BackendKind::Memory => format!("memory://proof-{}", scenario.name()),
         BackendKind::Sqlite => format!("sqlite://{}", dir.join("locks.db").display()),
-        BackendKind::Redis | BackendKind::Etcd | BackendKind::Zookeeper => {
+        _ => {
             let kind = match backend {
                 BackendKind::Redis => ServerKind::Redis {
                     aof: scenario == Scenario::RestartAof,
                 },
                 BackendKind::Etcd => ServerKind::Etcd,
+                BackendKind::PostgresLease | BackendKind::PostgresSession => ServerKind::Postgres,
                 _ => ServerKind::Zookeeper,
             };
             let server = Server::start(kind, &dir.join("server")).await?;
@@ -480,6 +536,14 @@ async fn drive(
                 BackendKind::Redis => format!("redis://{addr}/0"),
                 // Sessions end after one lease without keep-alives, like a Redis lease.
                 BackendKind::Etcd => format!("etcd://{addr}?session_ttl={}s", lease.as_secs()),
+                BackendKind::PostgresLease => format!("postgres://postgres@{addr}/postgres"),
+                // The server ends a connection silent for one lease; a statement may take a
+                // third of it (the longest the backend allows).
+                BackendKind::PostgresSession => format!(
+                    "postgres://postgres@{addr}/postgres?mode=session&session_timeout={}ms&timeout={}ms",
+                    ms(lease),
+                    ms(lease) / 3
+                ),
                 _ => format!("zk://{addr}?session_timeout={}ms", ms(lease)),
             };
             for _ in 0..processes {

@@ -1,6 +1,6 @@
-//! Servers a proof run starts for itself, so it can crash and restart them: Redis, etcd and
-//! ZooKeeper, each from its Debian package, on free loopback ports with data in the run's
-//! directory.
+//! Servers a proof run starts for itself, so it can crash and restart them: Redis, etcd,
+//! ZooKeeper and PostgreSQL, each from its Debian package, on free loopback ports with data in
+//! the run's directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,10 @@ pub enum ServerKind {
     Etcd,
     /// A single-node ZooKeeper (its transaction log is always synced).
     Zookeeper,
+    /// A PostgreSQL cluster of its own (`initdb` into the run's directory; commits synced, the
+    /// defaults), run as the `postgres` user when started as root. A crash kills the
+    /// postmaster; its backends end on their own when they see it gone.
+    Postgres,
 }
 
 /// A throwaway server on loopback.
@@ -140,6 +144,21 @@ impl Server {
                     .arg(&cfg);
                 c
             }
+            ServerKind::Postgres => {
+                let mut c = Command::new(pg_bin()?.join("postgres"));
+                c.arg("-D")
+                    .arg(self.dir.join("data"))
+                    .args(["-c", "listen_addresses=127.0.0.1", "-c"])
+                    .arg(format!("port={port}"))
+                    .args([
+                        "-c",
+                        "unix_socket_directories=",
+                        "-c",
+                        "max_connections=100",
+                    ]);
+                as_postgres_user(&mut c)?;
+                c
+            }
         };
         let out = std::fs::File::create(self.dir.join("server.out")).map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
@@ -150,12 +169,45 @@ impl Server {
         Ok(cmd)
     }
 
+    /// Creates the PostgreSQL cluster in `dir/data`, owned by the user the server runs as.
+    async fn initdb(&self) -> Result<(), String> {
+        let data = self.dir.join("data");
+        if data.join("PG_VERSION").exists() {
+            return Ok(());
+        }
+        if let Some((uid, gid)) = postgres_user()? {
+            chown(&self.dir, uid, gid)?;
+        }
+        let mut c = Command::new(pg_bin()?.join("initdb"));
+        c.arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
+            .args(["--locale=C.UTF-8", "--no-sync"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("initdb.log")).map_err(|e| e.to_string())?);
+        as_postgres_user(&mut c)?;
+        let status = c
+            .status()
+            .await
+            .map_err(|e| format!("cannot run initdb: {e}; scripts/proof installs PostgreSQL"))?;
+        if !status.success() {
+            let log = std::fs::read_to_string(self.dir.join("initdb.log")).unwrap_or_default();
+            return Err(format!("initdb failed ({status}): {}", log.trim()));
+        }
+        Ok(())
+    }
+
     async fn spawn(&mut self) -> Result<(), String> {
         let program = match self.kind {
             ServerKind::Redis { .. } => "redis-server (Debian redis-server)",
             ServerKind::Etcd => "etcd (Debian etcd-server)",
             ServerKind::Zookeeper => "ZooKeeper (Debian zookeeper, with java)",
+            ServerKind::Postgres => "PostgreSQL (Debian postgresql)",
         };
+        if self.kind == ServerKind::Postgres {
+            self.initdb().await?;
+        }
         let child = self
             .command()?
             .spawn()
@@ -164,6 +216,19 @@ impl Server {
         for _ in 0..600 {
             if self.ready().await {
                 return Ok(());
+            }
+            // A PostgreSQL restarted after a crash refuses to start while a backend of the
+            // killed postmaster still holds the old shared memory; those end within moments.
+            if self.kind == ServerKind::Postgres {
+                if let Some(child) = self.child.as_mut() {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        self.child = Some(self.command()?.spawn().map_err(|e| {
+                            format!("cannot start {program}: {e}; scripts/proof installs it")
+                        })?);
+                        continue;
+                    }
+                }
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -184,9 +249,93 @@ impl Server {
                 b"HTTP/1.0 200",
             ),
             ServerKind::Zookeeper => (b"ruok", b"imok"),
+            // A startup message for the trusted superuser: AuthenticationOk once the server
+            // accepts connections (an error while it starts up or recovers).
+            ServerKind::Postgres => (&PG_STARTUP, b"R\0\0\0\x08\0\0\0\0"),
         };
         exchange(self.addr(), request, expect).await
     }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // PostgreSQL: an immediate shutdown (SIGQUIT) ends the backends and removes the shared
+        // memory, which a SIGKILL of the postmaster would leave behind.
+        if self.kind != ServerKind::Postgres {
+            return;
+        }
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        if let Some(pid) = child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::QUIT);
+            for _ in 0..200 {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// The PostgreSQL protocol 3.0 startup message for user `postgres`, database `postgres`.
+const PG_STARTUP: [u8; 41] = *b"\0\0\0\x29\0\x03\0\0user\0postgres\0database\0postgres\0\0";
+
+/// The directory of the newest installed PostgreSQL's binaries (Debian's layout).
+fn pg_bin() -> Result<PathBuf, String> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|_| {
+            "PostgreSQL is not installed (Debian package `postgresql`); scripts/proof installs it"
+                .to_string()
+        })?
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        "no /usr/lib/postgresql/*/bin/initdb; install the Debian package `postgresql`".into()
+    })
+}
+
+/// The `postgres` user's uid and gid when this process is root (PostgreSQL refuses to run as
+/// root); `None` otherwise, when the server runs as the current user.
+fn postgres_user() -> Result<Option<(u32, u32)>, String> {
+    if !rustix::process::geteuid().is_root() {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| format!("/etc/passwd: {e}"))?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() > 3 && fields[0] == "postgres")
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
+        })
+        .map(Some)
+        .ok_or_else(|| {
+            "the postgres system user is missing; install the Debian package `postgresql`".into()
+        })
+}
+
+/// Runs `cmd` as the `postgres` user when this process is root.
+fn as_postgres_user(cmd: &mut Command) -> Result<(), String> {
+    if let Some((uid, gid)) = postgres_user()? {
+        cmd.uid(uid).gid(gid);
+    }
+    Ok(())
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| format!("cannot hand {} to the postgres user: {e}", path.display()))
 }
 
 /// Sends `request` and checks that the answer starts with `expect`.

@@ -80,3 +80,12 @@ async fn zookeeper_pause_stale_write_is_refused() {
     let r = run(BackendKind::Zookeeper, Scenario::Pause).await;
     assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
 }
+
+/// A PostgreSQL session-mode holder stopped past its session: the server ends the silent
+/// connection (idle_session_timeout), which frees the advisory lock; the holder writes when it
+/// resumes and fencing (the row's sequence token) refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_session_pause_stale_write_is_refused() {
+    let r = run(BackendKind::PostgresSession, Scenario::Pause).await;
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
