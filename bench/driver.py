@@ -35,8 +35,9 @@ PEERS_BY_BACKEND = {
     "zookeeper": ["kazoo-lock"],
 }
 PEERS = [p for ps in PEERS_BY_BACKEND.values() for p in ps]
-ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper"]
-# The backends of this run (etcd and ZooKeeper only when scripts/bench started their servers).
+ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper", "postgres-lease", "postgres-session"]
+# The backends of this run (etcd, ZooKeeper and PostgreSQL only when scripts/bench started their
+# servers).
 BACKENDS = list(ALL_BACKENDS)
 
 
@@ -110,6 +111,9 @@ class Runner:
     def shown(self, argv):
         text = " ".join(shlex.quote(a) for a in argv)
         text = text.replace(self.run_dir, "$RUN").replace(self.args.root + "/", "")
+        if getattr(self.args, "pg_url", ""):
+            # The URL carries the test server's password.
+            text = text.replace(self.args.pg_url, "$PG_URL")
         return text
 
     def start(self, argv, tag):
@@ -231,6 +235,10 @@ class Runner:
             return self.args.etcd_url
         if backend == "zookeeper":
             return self.args.zk_url
+        if backend == "postgres-lease":
+            return self.args.pg_url
+        if backend == "postgres-session":
+            return self.args.pg_url + "?mode=session"
         return f"redis://127.0.0.1:{self.args.redis_port}/0"
 
     def argv(self, impl, url, mode, tasks, prefix):
@@ -375,6 +383,51 @@ def redis_benchmark(runner):
     return rows
 
 
+# --- pgbench ---------------------------------------------------------------------------------
+
+# The floor's statements (crates/fenced-bench/src/floor/postgres.rs) as pgbench scripts, one
+# acquire + release pair per transaction, on random keys.
+PGBENCH_SCRIPTS = [
+    ("lease mode: expiry upsert + owner-checked UPDATE", "postgres-lease",
+     "\\set k random(1, 1000000)\n"
+     "INSERT INTO floor_locks AS l (lock_key, owner, token, expires_at) VALUES ('pgbench:' || :k, 'pgbench', "
+     "nextval('floor_tokens'), now() + 10000 * interval '1 millisecond') ON CONFLICT (lock_key) DO UPDATE SET "
+     "owner = EXCLUDED.owner, token = EXCLUDED.token, expires_at = EXCLUDED.expires_at "
+     "WHERE l.owner IS NULL OR l.expires_at <= now() RETURNING token;\n"
+     "UPDATE floor_locks SET owner = NULL, expires_at = now() WHERE lock_key = 'pgbench:' || :k AND owner = 'pgbench';\n"),
+    ("session mode: pg_try_advisory_lock + pg_advisory_unlock", "postgres-session",
+     "\\set k random(1, 1000000)\nSELECT pg_try_advisory_lock(:k);\nSELECT pg_advisory_unlock(:k);\n"),
+]
+
+
+def pgbench(runner):
+    """pgbench -c 1 with the floor's statements: the server's own cost of one pair, as a bare
+    libpq client sends them (prepared, one round trip per statement)."""
+    a = runner.args
+    rows = []
+    for name, backend, script in PGBENCH_SCRIPTS:
+        path = os.path.join(runner.run_dir, f"pgbench-{backend}.sql")
+        with open(path, "w") as f:
+            f.write(script)
+        argv = ["pgbench", "-n", "-M", "prepared", "-c", "1", "-T", str(max(1, round(a.duration))),
+                "-f", path, a.pg_url]
+        runner.commands.append(runner.shown(argv).replace(a.pg_url, "$PG_URL"))
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            rows.append({"name": name, "backend": backend, "error": str(e)})
+            continue
+        tps = re.search(r"^tps = ([0-9.]+)", p.stdout, re.M)
+        lat = re.search(r"^latency average = ([0-9.]+) ms", p.stdout, re.M)
+        if p.returncode != 0 or not tps or not lat:
+            rows.append({"name": name, "backend": backend,
+                         "error": (p.stderr or p.stdout).strip().replace(a.pg_url, "$PG_URL")[-300:]})
+            continue
+        rows.append({"name": name, "backend": backend, "tps": float(tps.group(1)),
+                     "lat_avg_ns": float(lat.group(1)) * 1e6})
+    return rows
+
+
 # --- The machine ------------------------------------------------------------------------------
 
 
@@ -413,6 +466,8 @@ def machine(args):
         ("RAM", mem),
         ("kernel", platform.release()),
         ("Redis", first_line(["redis-server", "--version"])),
+        ("PostgreSQL", first_line(["pgbench", "--version"]).replace("pgbench", "pgbench/server")
+         if any(b.startswith("postgres") for b in BACKENDS) else "not in this run"),
         ("rustc", first_line(["rustc", "--version"])),
         ("Python", platform.python_version()),
         ("Node", first_line(["node", "--version"])),
@@ -483,8 +538,9 @@ def cmds_text(r, top=6):
 
 
 class Report:
-    def __init__(self, args, results, memory, rb, peers_status, runner, started, wall):
+    def __init__(self, args, results, memory, rb, peers_status, runner, started, wall, pgb=None):
         self.a = args
+        self.pgb = pgb or []
         self.results = results
         self.memory = memory
         self.rb = rb
@@ -543,13 +599,14 @@ class Report:
           "on loopback: one Redis (no password, no persistence)"
           + (", one etcd node" if "etcd" in BACKENDS else "")
           + (", one ZooKeeper node" if "zookeeper" in BACKENDS else "")
+          + (", one PostgreSQL server (fsync off, the test suite's)" if "postgres-lease" in BACKENDS else "")
           + ". The benchmark processes and the servers share the same cores, so client CPU cost "
           "shows up as lower throughput.\n")
         w("- **fenced**: `fenced-bench --impl fenced`: the library as applications use it, one "
           "`Client` per process shared by its tasks, `lock_with` (wait up to 60 s) and "
           "`LockGuard::release`, lease renewed by the watchdog at its default (lease/3).\n"
           "- **floor**: `fenced-bench --impl floor`: the bare operations fenced needs, written directly "
-          "with the same client library (redis-rs, rusqlite, a `Mutex<HashMap>`), with no fencing "
+          "with the same client library (redis-rs, rusqlite, tokio-postgres, a `Mutex<HashMap>`), with no fencing "
           "token on Redis, no renewal, no lost-lock signal, no retries. It is the cost of the store "
           "itself; what fenced adds on top is the price of its guarantees and of its code.\n"
           "- **peers**: other lock libraries, from `bench/peers/bin/` (see `bench/peers/README.md`), "
@@ -574,6 +631,7 @@ class Report:
 
         self.commands_section(w)
         self.rb_section(w)
+        self.pgbench_section(w)
         self.memory_section(w)
         self.summary_section(w)
         self.settings_section(w)
@@ -585,13 +643,18 @@ class Report:
         for c in self.runner.commands:
             w(c)
         w("```\n")
+        text = "\n".join(out)
+        if getattr(a, "pg_url", ""):
+            text = text.replace(a.pg_url, "$PG_URL")
         with open(path, "w") as f:
-            f.write("\n".join(out))
+            f.write(text)
 
     def backend_section(self, w, backend):
         title = {"memory": "In-process (memory://)", "sqlite": "SQLite (sqlite://, one file)",
                  "redis": "Redis (redis://, one server)", "etcd": "etcd (etcd://, one node)",
-                 "zookeeper": "ZooKeeper (zk://, one node)"}[backend]
+                 "zookeeper": "ZooKeeper (zk://, one node)",
+                 "postgres-lease": "PostgreSQL, lease mode (postgres://, one server)",
+                 "postgres-session": "PostgreSQL, session mode (postgres://…?mode=session, one server)"}[backend]
         w(f"## {title}\n")
         tps = sorted({r["tasks"] for r in self.results if r["backend"] == backend and r["mode"] == "throughput"})
         impls = self.impls(backend)
@@ -746,6 +809,27 @@ class Report:
                 w(f"| {r['name']} | {rate(r['rps'])} | {r['p50_ms'] * 1000:.0f} µs | {r['p99_ms'] * 1000:.0f} µs |")
         w("")
 
+    def pgbench_section(self, w):
+        if not self.pgb:
+            return
+        w("## pgbench on the same server\n")
+        w(f"`pgbench -n -M prepared -c 1 -T {max(1, round(self.a.duration))} -f SCRIPT`: one client, the "
+          "floor's two statements per transaction on random keys (the scripts are `PGBENCH_SCRIPTS` in "
+          "bench/driver.py). A second "
+          "floor from PostgreSQL's own tool: one acquire + release pair as a bare libpq client sends it. "
+          "Next to it the Rust floor's latency run (1 task, one key).\n")
+        w("| statements | pgbench pairs/s | pgbench latency (mean) | floor ops/s | floor p50 | fenced ÷ pgbench, ops/s |")
+        w("|---|---|---|---|---|---|")
+        for r in self.pgb:
+            if "error" in r:
+                w(f"| {r['name']} | failed: {r['error'][:100]} | | | | |")
+                continue
+            fl = self.find("floor", r["backend"], "latency")
+            fe = self.find("fenced", r["backend"], "latency")
+            w(f"| {r['name']} | {rate(r['tps'])} | {us(r['lat_avg_ns'])} | {rate(fl and fl['ops_per_s'])} | "
+              f"{us(fl and fl['p50'])} | {ratio(div(fe and fe['ops_per_s'], r['tps']))} |")
+        w("")
+
     def memory_section(self, w):
         if not self.memory:
             return
@@ -834,8 +918,12 @@ def main():
     ap.add_argument("--render", help="only write the report from this results.json of an earlier run")
     ap.add_argument("--etcd-url", default="", help="an etcd node for this run (no etcd rows without it)")
     ap.add_argument("--zk-url", default="", help="a ZooKeeper node for this run (no ZooKeeper rows without it)")
+    ap.add_argument("--pg-url", default="",
+                    help="postgres://user:pw@host:port/db of a PostgreSQL server for this run, without parameters "
+                         "(no PostgreSQL rows without it); both modes run on it")
     args = ap.parse_args()
-    BACKENDS[:] = [b for b in ALL_BACKENDS if (b != "etcd" or args.etcd_url) and (b != "zookeeper" or args.zk_url)]
+    BACKENDS[:] = [b for b in ALL_BACKENDS if (b != "etcd" or args.etcd_url) and (b != "zookeeper" or args.zk_url)
+                   and (not b.startswith("postgres") or args.pg_url)]
     args.pin_cpu = bool(args.redis_pid) and (os.cpu_count() or 1) > 1 and \
         subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
     args.sqlite_dir = os.path.join(args.run_dir, "sqlite")
@@ -866,7 +954,7 @@ def main():
         runner = Runner.__new__(Runner)
         runner.commands = saved["commands"]
         Report(args, saved["results"], saved["memory"], saved["redis_benchmark"], saved["peers_status"],
-               runner, saved["started"], saved["wall"]).write(args.out)
+               runner, saved["started"], saved["wall"], saved.get("pgbench")).write(args.out)
         log(f"wrote {args.out} from {args.render}")
         return
 
@@ -910,6 +998,12 @@ def main():
 
     log("redis-benchmark")
     rb = redis_benchmark(runner)
+    pgb = []
+    if args.pg_url:
+        log("pgbench")
+        pgb = pgbench(runner)
+        for r in pgb:
+            log(f"pgbench {r['name']}: " + (f"{rate(r['tps'])} pairs/s" if "tps" in r else f"FAILED: {r['error']}"))
     memory = []
     for backend in BACKENDS:
         # Consensus stores write every grant to a synced log: 100k grants take minutes there.
@@ -922,10 +1016,10 @@ def main():
             memory.append(m)
 
     wall = time.monotonic() - t0
-    report = Report(args, results, memory, rb, peers_status, runner, started, wall)
+    report = Report(args, results, memory, rb, peers_status, runner, started, wall, pgb)
     report.write(args.out)
     with open(os.path.join(args.run_dir, "results.json"), "w") as f:
-        json.dump({"results": results, "memory": memory, "redis_benchmark": rb,
+        json.dump({"results": results, "memory": memory, "redis_benchmark": rb, "pgbench": pgb,
                    "peers_status": peers_status, "commands": runner.commands, "started": started,
                    "wall": wall, "settings": {k: getattr(args, k) for k in RENDER_SETTINGS}}, f, indent=1)
     log(f"wrote {args.out} ({wall / 60:.1f} min)")

@@ -7,6 +7,7 @@
 
 mod etcd;
 mod memory;
+mod postgres;
 mod redis;
 mod sqlite;
 mod zookeeper;
@@ -36,10 +37,14 @@ pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
     } else if url.starts_with("zk://") {
         let floor = zookeeper::ZkFloor::connect(url, plan.lease, handoff).await?;
         crate::run::measure(floor, plan).await
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let channel = format!("floor_{}", plan.prefix);
+        let floor = postgres::PgFloor::connect(url, plan.lease, handoff, channel).await?;
+        crate::run::measure(floor, plan).await
     } else {
         Err(format!(
-            "no floor for {url}; use memory://, sqlite:///path, redis://host:port, etcd://host:port \
-             or zk://host:port"
+            "no floor for {url}; use memory://, sqlite:///path, redis://host:port, etcd://host:port, \
+             zk://host:port or postgres://user@host:port/db[?mode=session]"
         ))
     }
 }
