@@ -377,10 +377,16 @@ async fn session_waiter_is_granted_when_the_holder_session_ends() {
                 .await
         })
     };
+    // The waiter waits on the holder's presence lock: the two-int4 advisory key made of the
+    // high and low halves of the key's advisory id.
+    let id =
+        fenced::backends::sql::advisory_id("fenced_locks", &fenced::Key::new(&key).expect("key"));
+    let (class, object) = ((id as u64 >> 32) as u32, id as u32);
     within(30, "waiter watching", async {
         while psql(&format!(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND mode = 'ShareLock' AND pid <> {pid}"
+             AND mode = 'ShareLock' AND objsubid = 2 AND classid::text::int8 = {class} \
+             AND objid::text::int8 = {object}"
         )) == "0"
         {
             tokio::time::sleep(Duration::from_millis(20)).await;

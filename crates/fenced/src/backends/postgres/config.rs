@@ -11,6 +11,7 @@
 //! | `sslmode` | `disable` | `disable`, or `require` / `verify-ca` / `verify-full`, which all verify the server certificate |
 //! | `tls_ca` | system roots | a PEM file of the CA(s) to trust for TLS |
 //! | `application_name` | `fenced` | shown in `pg_stat_activity` |
+//! | `prepared_statements` | `true` | `false` sends every statement unnamed (for poolers that cannot keep prepared statements) |
 
 use std::fmt;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub(crate) struct PgConfig {
     pub(crate) password: Option<String>,
     pub(crate) database: String,
     pub(crate) application_name: String,
+    /// Prepare statements once per connection (`prepared_statements`, default true).
+    pub(crate) prepared_statements: bool,
     /// TLS on (`sslmode=require|verify-ca|verify-full`).
     pub(crate) tls: bool,
     /// The `tls_ca` file and its contents.
@@ -107,7 +110,12 @@ impl PgConfig {
             .transpose()?;
 
         let mut known: Vec<&str> = COMMON_PARAMS.to_vec();
-        known.extend(["sslmode", "tls_ca", "application_name"]);
+        known.extend([
+            "sslmode",
+            "tls_ca",
+            "application_name",
+            "prepared_statements",
+        ]);
         let mut pairs = crate::url::query_params(url, &known)?;
         for (i, (name, _)) in pairs.iter().enumerate() {
             if pairs[..i].iter().any(|(n, _)| n == name) {
@@ -120,6 +128,7 @@ impl PgConfig {
         let mut tls = false;
         let mut tls_ca = None;
         let mut application_name = "fenced".to_owned();
+        let mut prepared_statements = true;
         for (name, value) in pairs {
             match name.as_str() {
                 "sslmode" => {
@@ -136,6 +145,17 @@ impl PgConfig {
                     }
                 }
                 "tls_ca" => tls_ca = Some(crate::url::read_ca(PathBuf::from(value))?),
+                "prepared_statements" => {
+                    prepared_statements = match value.as_str() {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(invalid(format!(
+                                "prepared_statements={value:?} in {redacted} is not true or false"
+                            )));
+                        }
+                    }
+                }
                 _ => {
                     if value.is_empty() || value.len() > 63 || value.chars().any(|c| c.is_control())
                     {
@@ -161,6 +181,7 @@ impl PgConfig {
             password,
             database,
             application_name,
+            prepared_statements,
             tls,
             tls_ca,
             params,
@@ -218,7 +239,7 @@ mod tests {
     #[test]
     fn bad_urls() {
         for bad in [
-            "postgres://app:pw@/locks",
+            "postgres://app:pw@db/",
             "postgres://app:pw@db",
             "postgres://:pw@db/locks",
             "postgres://app:pw@db/locks?sslmode=prefer",

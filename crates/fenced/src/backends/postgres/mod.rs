@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Row, Socket, Statement};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Row, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{debug, warn};
 
@@ -83,26 +84,16 @@ pub(crate) struct Connector {
     sql: Sql,
 }
 
-/// One open connection with its prepared statements.
+/// One open connection. Each statement is prepared on first use and kept (the server then
+/// plans it once); with `prepared_statements=false` statements are sent unnamed with their
+/// parameter types instead (`query_typed`, still one round trip), for transaction-pooling
+/// proxies that cannot keep prepared statements.
 struct Conn {
     client: tokio_postgres::Client,
-    statements: Statements,
+    /// SQL text → prepared statement; `None` when statements are sent unnamed.
+    prepared: Option<Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>>,
     /// Session mode: the random id written into the rows this connection holds.
     session: Option<i64>,
-}
-
-struct Statements {
-    acquire: Statement,
-    extend: Statement,
-    release: Statement,
-    holder: Statement,
-    force: Statement,
-    list: Statement,
-    /// Session mode only.
-    try_lock: Option<Statement>,
-    take: Option<Statement>,
-    mine: Option<Statement>,
-    unlock_orphan: Option<Statement>,
 }
 
 /// The SQL text of every statement, for one lock table.
@@ -164,7 +155,8 @@ impl Sql {
                  UPDATE {t} l SET owner = NULL, label = '', expires_at = now(), session_id = NULL, lock_id = NULL \
                  FROM old WHERE l.lock_key = old.lock_key \
                  RETURNING old.live, CASE WHEN old.session_id = $3 THEN pg_advisory_unlock(old.lock_id) END, \
-                 pg_notify($4, '')::text"
+                 CASE WHEN old.session_id = $3 THEN pg_advisory_unlock((old.lock_id >> 32)::int4, \
+                 ((old.lock_id << 32) >> 32)::int4) END, pg_notify($4, '')::text"
             ),
             holder: format!("SELECT {HOLDER_COLUMNS} FROM {t} h WHERE h.lock_key = $1 AND {live}"),
             force: format!(
@@ -194,7 +186,7 @@ impl Sql {
                  session_id = EXCLUDED.session_id, lock_id = EXCLUDED.lock_id \
                  WHERE l.owner IS NULL OR l.expires_at <= now() \
                  OR (l.session_id IS NOT NULL AND l.session_id <> EXCLUDED.session_id) \
-                 RETURNING l.token"
+                 RETURNING l.token, pg_try_advisory_lock($7, $8)"
             ),
             // Session mode: the grants this session has under an advisory lock id.
             mine: format!(
@@ -207,6 +199,10 @@ impl Sql {
                 "SELECT pg_advisory_unlock($1) FROM pg_locks p WHERE p.locktype = 'advisory' AND p.granted \
                  AND p.pid = pg_backend_pid() AND p.classid::text::int8 = ($1 >> 32) & 4294967295 \
                  AND p.objid::text::int8 = $1 & 4294967295 AND p.objsubid = 1 \
+                 AND NOT EXISTS (SELECT 1 FROM {t} WHERE lock_id = $1 AND session_id = $2 AND owner IS NOT NULL) \
+                 UNION ALL SELECT pg_advisory_unlock($3, $4) FROM pg_locks p WHERE p.locktype = 'advisory' \
+                 AND p.granted AND p.pid = pg_backend_pid() AND p.classid::text::int8 = ($1 >> 32) & 4294967295 \
+                 AND p.objid::text::int8 = $1 & 4294967295 AND p.objsubid = 2 \
                  AND NOT EXISTS (SELECT 1 FROM {t} WHERE lock_id = $1 AND session_id = $2 AND owner IS NOT NULL)"
             ),
         }
@@ -520,49 +516,6 @@ impl Connector {
         }
         Ok(())
     }
-
-    async fn prepare(&self, client: &tokio_postgres::Client) -> Result<Statements> {
-        let sql = &self.sql;
-        let session = self.config.params.mode == SqlMode::Session;
-        let prepared = async {
-            let (acquire, extend, release, holder, force, list) = tokio::try_join!(
-                client.prepare(&sql.acquire),
-                client.prepare(&sql.extend),
-                client.prepare(&sql.release),
-                client.prepare(&sql.holder),
-                client.prepare(&sql.force),
-                client.prepare(&sql.list),
-            )?;
-            let (try_lock, take, mine, unlock_orphan) = if session {
-                let (a, b, c, d) = tokio::try_join!(
-                    client.prepare(&sql.try_lock),
-                    client.prepare(&sql.take),
-                    client.prepare(&sql.mine),
-                    client.prepare(&sql.unlock_orphan),
-                )?;
-                (Some(a), Some(b), Some(c), Some(d))
-            } else {
-                (None, None, None, None)
-            };
-            Ok::<_, tokio_postgres::Error>(Statements {
-                acquire,
-                extend,
-                release,
-                holder,
-                force,
-                list,
-                try_lock,
-                take,
-                mine,
-                unlock_orphan,
-            })
-        };
-        match tokio::time::timeout(self.config.params.timeout * 2, prepared).await {
-            Ok(Ok(s)) => Ok(s),
-            Ok(Err(e)) => Err(self.error(Operation::Connect, &e)),
-            Err(_) => Err(self.timed_out(Operation::Connect)),
-        }
-    }
 }
 
 impl PostgresBackend {
@@ -709,10 +662,13 @@ impl PostgresBackend {
                 warn!(error = %connector.scrub(&e.to_string()), "fenced: cannot set idle_session_timeout (PostgreSQL 14 or later has it); a silent session's locks then end only when the server notices the connection is gone");
             }
         }
-        let statements = connector.prepare(&client).await?;
+        let prepared = connector
+            .config
+            .prepared_statements
+            .then(|| Mutex::new(std::collections::HashMap::new()));
         let conn = Arc::new(Conn {
             client,
-            statements,
+            prepared,
             session,
         });
         *self
@@ -753,11 +709,40 @@ impl PostgresBackend {
         &self,
         operation: Operation,
         conn: &Conn,
-        statement: &Statement,
-        params: &[&(dyn ToSql + Sync)],
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>> {
-        self.timed(operation, conn.client.query(statement, params))
+        let Some(prepared) = &conn.prepared else {
+            return self
+                .timed(operation, conn.client.query_typed(sql, params))
+                .await;
+        };
+        let cached = prepared
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(sql)
+            .cloned();
+        let statement = match cached {
+            Some(statement) => statement,
+            None => {
+                let types: Vec<Type> = params.iter().map(|(_, t)| t.clone()).collect();
+                let statement = self
+                    .timed(operation, conn.client.prepare_typed(sql, &types))
+                    .await?;
+                prepared
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(sql.to_owned(), statement.clone());
+                statement
+            }
+        };
+        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+        self.timed(operation, conn.client.query(&statement, &values))
             .await
+    }
+
+    fn sql(&self) -> &Sql {
+        &self.inner.connector.sql
     }
 
     fn channel(&self, key: &Key) -> String {
@@ -774,12 +759,12 @@ impl PostgresBackend {
             .query(
                 Operation::Acquire,
                 conn,
-                &conn.statements.acquire,
+                &self.sql().acquire,
                 &[
-                    &request.key.as_str(),
-                    &owner,
-                    &request.label,
-                    &lease_ms(request.lease),
+                    (&request.key.as_str(), Type::TEXT),
+                    (&owner, Type::TEXT),
+                    (&request.label, Type::TEXT),
+                    (&lease_ms(request.lease), Type::FLOAT8),
                 ],
             )
             .await?;
@@ -793,19 +778,20 @@ impl PostgresBackend {
     }
 
     async fn acquire_session(&self, conn: &Conn, request: &AcquireRequest<'_>) -> Result<Acquired> {
-        let statements = &conn.statements;
-        let (Some(try_lock), Some(take), Some(mine), Some(session)) = (
-            &statements.try_lock,
-            &statements.take,
-            &statements.mine,
-            conn.session,
-        ) else {
+        let Some(session) = conn.session else {
             return Err(self.unexpected(Operation::Acquire));
         };
+        let sql = self.sql();
         let id = self.lock_id(request.key);
+        let presence = presence(id);
         let owner = request.owner.to_string();
         let tried = self
-            .query(Operation::Acquire, conn, try_lock, &[&id])
+            .query(
+                Operation::Acquire,
+                conn,
+                &sql.try_lock,
+                &[(&id, Type::INT8)],
+            )
             .await?;
         let newly = match tried.first() {
             Some(row) => {
@@ -824,7 +810,12 @@ impl PostgresBackend {
             // This session already holds the advisory lock: a retry of this very grant, another
             // owner of this client, another key whose id collides, or an orphan.
             let rows = self
-                .query(Operation::Acquire, conn, mine, &[&id, &session])
+                .query(
+                    Operation::Acquire,
+                    conn,
+                    &sql.mine,
+                    &[(&id, Type::INT8), (&session, Type::INT8)],
+                )
                 .await?;
             if let Some(row) = rows.first() {
                 let key: String = row.get(0);
@@ -852,14 +843,16 @@ impl PostgresBackend {
             .query(
                 Operation::Acquire,
                 conn,
-                take,
+                &sql.take,
                 &[
-                    &request.key.as_str(),
-                    &owner,
-                    &request.label,
-                    &lease_ms(request.lease),
-                    &id,
-                    &session,
+                    (&request.key.as_str(), Type::TEXT),
+                    (&owner, Type::TEXT),
+                    (&request.label, Type::TEXT),
+                    (&lease_ms(request.lease), Type::FLOAT8),
+                    (&id, Type::INT8),
+                    (&session, Type::INT8),
+                    (&presence.0, Type::INT4),
+                    (&presence.1, Type::INT4),
                 ],
             )
             .await;
@@ -881,13 +874,21 @@ impl PostgresBackend {
 
     /// Session mode: unlocks the advisory lock `id` if this session holds it without a row.
     async fn unlock_orphan(&self, conn: &Conn, id: i64, session: i64) {
-        if let Some(statement) = &conn.statements.unlock_orphan {
-            if let Err(e) = self
-                .query(Operation::Release, conn, statement, &[&id, &session])
-                .await
-            {
-                debug!(error = %e, "fenced: could not give back an advisory lock");
-            }
+        if let Err(e) = self
+            .query(
+                Operation::Release,
+                conn,
+                &self.sql().unlock_orphan,
+                &[
+                    (&id, Type::INT8),
+                    (&session, Type::INT8),
+                    (&presence(id).0, Type::INT4),
+                    (&presence(id).1, Type::INT4),
+                ],
+            )
+            .await
+        {
+            debug!(error = %e, "fenced: could not give back an advisory lock");
         }
     }
 
@@ -896,8 +897,8 @@ impl PostgresBackend {
             .query(
                 Operation::Admin,
                 conn,
-                &conn.statements.holder,
-                &[&key.as_str()],
+                &self.sql().holder,
+                &[(&key.as_str(), Type::TEXT)],
             )
             .await?;
         Ok(rows.first().map(|row| holder_from(row, 0)))
@@ -933,6 +934,14 @@ impl PostgresBackend {
             None => None,
         }
     }
+}
+
+/// The two-number advisory lock a session-mode holder also takes while it holds `id`: its
+/// *presence*, on which waiters wait (shared) to learn when the holder's session ends. It lives
+/// in the two-`int4` key space (`objsubid` 2 in `pg_locks`), apart from the lock itself
+/// (`objsubid` 1), so a waiter's momentary shared lock never stands in the way of a grant.
+pub(crate) fn presence(id: i64) -> (i32, i32) {
+    ((id >> 32) as i32, id as i32)
 }
 
 fn key_or(fallback: &Key, text: &str) -> Key {
@@ -1004,12 +1013,12 @@ impl Backend for PostgresBackend {
             .query(
                 Operation::Extend,
                 &conn,
-                &conn.statements.extend,
+                &self.sql().extend,
                 &[
-                    &lock.key.as_str(),
-                    &lock.owner.to_string(),
-                    &lease_ms(lease),
-                    &conn.session,
+                    (&lock.key.as_str(), Type::TEXT),
+                    (&lock.owner.to_string(), Type::TEXT),
+                    (&lease_ms(lease), Type::FLOAT8),
+                    (&conn.session, Type::INT8),
                 ],
             )
             .await?;
@@ -1027,12 +1036,12 @@ impl Backend for PostgresBackend {
             .query(
                 Operation::Release,
                 &conn,
-                &conn.statements.release,
+                &self.sql().release,
                 &[
-                    &lock.key.as_str(),
-                    &lock.owner.to_string(),
-                    &conn.session,
-                    &self.channel(lock.key),
+                    (&lock.key.as_str(), Type::TEXT),
+                    (&lock.owner.to_string(), Type::TEXT),
+                    (&conn.session, Type::INT8),
+                    (&self.channel(lock.key), Type::TEXT),
                 ],
             )
             .await?;
@@ -1067,8 +1076,11 @@ impl Backend for PostgresBackend {
             .query(
                 Operation::Admin,
                 &conn,
-                &conn.statements.force,
-                &[&key.as_str(), &self.channel(key)],
+                &self.sql().force,
+                &[
+                    (&key.as_str(), Type::TEXT),
+                    (&self.channel(key), Type::TEXT),
+                ],
             )
             .await?;
         Ok(rows.first().map(|row| holder_from(row, 0)))
@@ -1077,7 +1089,12 @@ impl Backend for PostgresBackend {
     async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
         let conn = self.conn().await?;
         let rows = self
-            .query(Operation::Admin, &conn, &conn.statements.list, &[&prefix])
+            .query(
+                Operation::Admin,
+                &conn,
+                &self.sql().list,
+                &[(&prefix, Type::TEXT)],
+            )
             .await?;
         Ok(rows
             .iter()

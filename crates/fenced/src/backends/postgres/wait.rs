@@ -298,6 +298,8 @@ pub(crate) struct SessionWatch {
     connector: Arc<Connector>,
     id: i64,
     arm: Option<tokio::task::JoinHandle<bool>>,
+    /// The last wait found no session holding the presence lock.
+    idle: bool,
 }
 
 impl SessionWatch {
@@ -307,6 +309,7 @@ impl SessionWatch {
             connector,
             id,
             arm: None,
+            idle: false,
         }
     }
 }
@@ -336,15 +339,28 @@ async fn session_gone(connector: Arc<Connector>, id: i64) -> bool {
         return false;
     };
     let task = tokio::spawn(connection);
-    let (high, low) = ((id as u64 >> 32) as i64, (id as u64 & 0xffff_ffff) as i64);
+    let (high, low) = super::presence(id);
+    let (class, object) = (high as u32, low as u32);
+    let (id_class, id_object) = ((id as u64 >> 32) as u32, id as u32);
+    // 1. Make the server drop this wait soon after the connection is dropped (the watch gave
+    //    up). 2. Wait while a session holds the presence lock, and give it back at once.
+    // 3. A session's locks go one by one when it ends: wait (a bounded 200 ms, without taking
+    //    anything) until the lock itself is gone too, so the wake-up finds the key free.
     let sql = format!(
-        "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks p WHERE p.locktype = 'advisory' AND p.granted \
+        "SET client_connection_check_interval = 100; \
+         SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks p WHERE p.locktype = 'advisory' AND p.granted \
          AND p.mode = 'ExclusiveLock' AND p.database = (SELECT oid FROM pg_database WHERE datname = \
-         current_database()) AND p.classid::text::int8 = {high} AND p.objid::text::int8 = {low} \
-         AND p.objsubid = 1) THEN pg_advisory_lock_shared({id})::text = '' ELSE false END; \
-         SELECT pg_advisory_unlock_shared({id}) FROM pg_locks p WHERE p.locktype = 'advisory' \
-         AND p.pid = pg_backend_pid() AND p.mode = 'ShareLock' AND p.classid::text::int8 = {high} \
-         AND p.objid::text::int8 = {low} AND p.objsubid = 1"
+         current_database()) AND p.classid::text::int8 = {class} AND p.objid::text::int8 = {object} \
+         AND p.objsubid = 2) THEN pg_advisory_lock_shared({high}, {low})::text = '' ELSE false END; \
+         SELECT pg_advisory_unlock_shared({high}, {low}) FROM pg_locks p WHERE p.locktype = 'advisory' \
+         AND p.pid = pg_backend_pid() AND p.mode = 'ShareLock' AND p.classid::text::int8 = {class} \
+         AND p.objid::text::int8 = {object} AND p.objsubid = 2; \
+         DO $$ BEGIN FOR i IN 1..200 LOOP EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_locks p \
+         WHERE p.locktype = 'advisory' AND p.granted AND p.mode = 'ExclusiveLock' \
+         AND p.classid::text::int8 = {id_class} AND p.objid::text::int8 = {id_object} AND p.objsubid = 1 \
+         AND NOT EXISTS (SELECT 1 FROM pg_locks q WHERE q.locktype = 'advisory' AND q.granted \
+         AND q.pid = p.pid AND q.objsubid = 2 AND q.classid = p.classid AND q.objid = p.objid)); \
+         PERFORM pg_sleep(0.001); END LOOP; END $$"
     );
     let went = match client.simple_query(&sql).await {
         Ok(messages) => messages.iter().any(|m| match m {
@@ -372,10 +388,16 @@ impl Watch for SessionWatch {
             went = arm => {
                 self.arm = None;
                 if went.unwrap_or(false) {
+                    self.idle = false;
                     return Ok(());
                 }
-                // Nobody holds the advisory lock: only a notification (or the client's timer)
-                // can tell of a change now.
+                // Nobody holds the presence lock: the holder may have ended between the
+                // caller's attempt and this wait, so report a change once; if it is still so
+                // at the next wait (a lease-mode holder, which has none), only a notification
+                // (or the client's timer) can tell of a change.
+                if !std::mem::replace(&mut self.idle, true) {
+                    return Ok(());
+                }
                 self.notify.changed().await
             }
         }
