@@ -9,8 +9,13 @@
 #                                  (for the "no permission" message)
 # shellcheck shell=bash
 
-start_mariadb() {
+# The MariaDB server (mariadbd, mariadb-install-db) and client (mariadb, mysqlslap).
+need_mariadb() {
   need_packages "mariadbd:mariadb-server" "mariadb:mariadb-client" "openssl:openssl"
+}
+
+start_mariadb() {
+  need_mariadb
   local dir port attempt password limited_password pid
   dir="$(run_dir)/mariadb"
   mkdir -p "$dir"

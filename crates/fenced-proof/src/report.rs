@@ -37,7 +37,7 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
     }
     let _ = writeln!(
         s,
-        "- Lease {} ms (renewed every third of it; etcd runs: 2 s, its shortest session; PostgreSQL session mode: `session_timeout` is the lease, each grant nine tenths of it, a statement at most a third), {} workers per run (processes; threads for memory), seed {}.\n",
+        "- Lease {} ms (renewed every third of it; etcd runs: 2 s, its shortest session; SQL session modes: `session_timeout` is the lease (MySQL: whole seconds), each grant nine tenths of it, a statement at most a third), {} workers per run (processes; threads for memory), seed {}.\n",
         ctx.lease_ms, ctx.workers, ctx.seed
     );
 
@@ -111,8 +111,8 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
 }
 
 const INTRO: &str = "\
-Each run starts a real lock store (an in-process store, an SQLite file, a Redis, etcd, ZooKeeper or \
-PostgreSQL server), several \
+Each run starts a real lock store (an in-process store, an SQLite file, a Redis, etcd, ZooKeeper, \
+PostgreSQL or MariaDB server), several \
 worker processes and a *fenced resource*: a counter that the workers read, work on and write back \
 inside the lock, passing their fencing token. With fencing on, the resource refuses a read or write \
 whose token is lower than the highest it has seen; with fencing off it accepts everything. Every \
@@ -140,6 +140,15 @@ and its clock (the rows are committed before a grant is answered).
 dedicated connection; the lock also ends when that connection ends, and the server ends a \
 connection silent for `session_timeout` (`idle_session_timeout`). A session-mode holder can lose \
 its lock before its deadline (a reset connection, a server restart) and is then told.
+- **mysql-lease** — MySQL/MariaDB (MariaDB here), lease mode: one InnoDB row per key whose expiry \
+the database's clock sets, renewed by the client; the token is the row's counter. Waiters wake on \
+a *bell*, a named lock the holder keeps on its connection. Safe while the server keeps its data \
+and its clock (the log is flushed at every commit).
+- **mysql-session** — MariaDB, session mode: the row plus a `GET_LOCK` named lock on the client's \
+dedicated connection; the lock also ends when that connection ends, and the server ends a \
+connection silent for `session_timeout` (`wait_timeout`, whole seconds). The client reads its \
+connection only when it sends a statement, so it learns of a connection that ended (a reset, a \
+server restart) at its next renewal, possibly after another holder was granted.
 No lease-based lock can stop a holder that is paused past its lease from acting when it resumes; \
 that is what the fencing token is for, and the `pause` rows show it doing that job.
 ";

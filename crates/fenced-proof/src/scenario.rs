@@ -39,11 +39,17 @@ pub enum BackendKind {
     /// One PostgreSQL server in session mode (the row plus an advisory lock on the client's
     /// dedicated connection, which the server ends after `session_timeout` of silence).
     PostgresSession,
+    /// One MariaDB server in lease mode (a row whose expiry the database's clock sets, a bell
+    /// named lock to wake waiters); workers are processes, each behind its own fault proxy.
+    MysqlLease,
+    /// One MariaDB server in session mode (the row plus a `GET_LOCK` named lock on the client's
+    /// dedicated connection, which the server ends after `wait_timeout` of silence).
+    MysqlSession,
 }
 
 impl BackendKind {
     /// All of them.
-    pub const ALL: [BackendKind; 7] = [
+    pub const ALL: [BackendKind; 9] = [
         BackendKind::Memory,
         BackendKind::Sqlite,
         BackendKind::Redis,
@@ -51,6 +57,8 @@ impl BackendKind {
         BackendKind::Zookeeper,
         BackendKind::PostgresLease,
         BackendKind::PostgresSession,
+        BackendKind::MysqlLease,
+        BackendKind::MysqlSession,
     ];
 
     /// Its name.
@@ -63,18 +71,21 @@ impl BackendKind {
             BackendKind::Zookeeper => "zookeeper",
             BackendKind::PostgresLease => "postgres-lease",
             BackendKind::PostgresSession => "postgres-session",
+            BackendKind::MysqlLease => "mysql-lease",
+            BackendKind::MysqlSession => "mysql-session",
         }
     }
 
     /// The lease its runs use for a wanted one: etcd session leases are whole seconds, at least
     /// [`ETCD_MIN_SESSION`]; an SQL session timeout is at least [`SQL_MIN_SESSION`] (the
-    /// session is that long and a session-mode grant nine tenths of it).
+    /// session is that long and a session-mode grant nine tenths of it), and whole seconds on
+    /// MySQL (its `wait_timeout`, which the backend rounds up).
     pub fn lease(self, wanted: Duration) -> Duration {
+        let whole_seconds = |d: Duration| Duration::from_secs(d.as_secs_f64().ceil() as u64);
         match self {
-            BackendKind::Etcd => {
-                Duration::from_secs(wanted.max(ETCD_MIN_SESSION).as_secs_f64().ceil() as u64)
-            }
+            BackendKind::Etcd => whole_seconds(wanted.max(ETCD_MIN_SESSION)),
             BackendKind::PostgresSession => wanted.max(SQL_MIN_SESSION),
+            BackendKind::MysqlSession => whole_seconds(wanted.max(SQL_MIN_SESSION)),
             _ => wanted,
         }
     }
@@ -205,8 +216,50 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
     };
     // Nothing may go wrong, and a superseded holder must learn it first.
     let safe = |why| e(Never, Never, true, why);
-    use BackendKind::{PostgresLease, PostgresSession};
+    use BackendKind::{MysqlLease, MysqlSession, PostgresLease, PostgresSession};
     match (scenario, backend) {
+        (Scenario::Kill, MysqlLease) => safe(
+            "the dead holder's row stays held until its expiry (the database's clock); its bell (a named lock on its connection) is freed as the connection closes, so the waiters look, find the row still held, and their timers wake them at its expiry",
+        ),
+        (Scenario::Kill, MysqlSession) => safe(
+            "the dead holder's connection closes with its process: the server ends the session, which frees its GET_LOCK and its bell at once; a waiter wakes, takes the GET_LOCK and takes over the row of the ended session",
+        ),
+        (Scenario::Pause, MysqlSession) => e(
+            Certain,
+            Never,
+            false,
+            "the stopped holder's dedicated connection falls silent: the server ends it after wait_timeout (session_timeout, one lease, whole seconds; the grant lasted nine tenths of it and the silence began at the last statement, no earlier than the last renewal), which frees the GET_LOCK and the bell; a waiter takes over and acts; the stopped one writes when it resumes and only the fencing token stops that write; it learns of the loss once it runs again",
+        ),
+        (Scenario::Latency, MysqlSession) => e(
+            Never,
+            Possible,
+            true,
+            "200 ms each way makes every round trip (400 ms) longer than the statement timeout (a third of the session): the first renewal or keep-alive times out and the client drops the dedicated connection, reporting the session ended (lost signal) at once; its close reaches the server at least 200 ms later, which frees the lock then, possibly before the grant's deadline (a double grant by the deadline, by design of session mode)",
+        ),
+        (Scenario::Partition | Scenario::OnewayUp, MysqlSession) => safe(
+            "no statement arrives: the client's next renewal or keep-alive (within a third of the grant) times out after a third of the session and the client ends the session itself (lost signal); the server still sees the proxy's connection alive and ends it only after wait_timeout of silence (one session after the last statement that arrived), after the holder's deadline, which then frees the lock",
+        ),
+        (Scenario::OnewayDown, MysqlSession) => e(
+            Never,
+            Possible,
+            true,
+            "statements arrive but their answers do not: the first one to time out (a third of the session) makes the client report the session ended (lost signal) and close the connection; that close does arrive, so the server frees the GET_LOCK then, possibly before the grant's deadline (a double grant by the deadline)",
+        ),
+        (Scenario::Reset, MysqlSession) => e(
+            Never,
+            Possible,
+            false,
+            "the reset ends the dedicated connection: the server frees the GET_LOCK and the bell at once and a waiter takes over within milliseconds, possibly before the grant's deadline (a double grant by the deadline); the holder's client reads nothing on an idle connection, so it sees the reset only at its next statement (a renewal every third of the grant, a keep-alive every third of the session) and may be told after the new holder acted; told well within its section, it never writes",
+        ),
+        (Scenario::Restart, MysqlLease) => safe(
+            "the lock table is InnoDB, which writes and flushes its log at every commit before answering (innodb_flush_log_at_trx_commit=1), so the row survives the crash with its expiry from the database's clock; the holder renews after the restart or stops at its deadline, before the row expires",
+        ),
+        (Scenario::Restart, MysqlSession) => e(
+            Never,
+            Possible,
+            false,
+            "the InnoDB rows survive the crash, but every connection ends and the restarted server (back within a fraction of a second) holds no named locks: a waiter takes the row of the ended session over as soon as it reconnects, possibly before the grant's deadline (a double grant by the deadline); the holder's client sees its broken connection only at its next statement (a renewal every third of the grant), which may come after the new holder acted; told well within its section, it never writes",
+        ),
         (Scenario::Kill, PostgresSession) => safe(
             "the dead holder's connection closes with its process: the server ends its session, which frees the advisory lock at once, and the next waiter gets the lock when it next tries",
         ),
@@ -216,7 +269,7 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
             false,
             "the stopped holder's connection falls silent: the server ends it after session_timeout (idle_session_timeout, one lease; the grant lasted nine tenths of it), which frees the advisory lock, and another holder acts; the stopped one writes when it resumes and only the fencing token stops that write; it learns of the loss once it runs again",
         ),
-        (Scenario::Pause, PostgresLease) => e(
+        (Scenario::Pause, PostgresLease | MysqlLease) => e(
             Certain,
             Never,
             false,
@@ -529,21 +582,27 @@ async fn drive(
                 },
                 BackendKind::Etcd => ServerKind::Etcd,
                 BackendKind::PostgresLease | BackendKind::PostgresSession => ServerKind::Postgres,
+                BackendKind::MysqlLease | BackendKind::MysqlSession => ServerKind::Mariadb,
                 _ => ServerKind::Zookeeper,
             };
+            // SQL session mode: the server ends a connection silent for one lease; a statement
+            // may take a third of it (the longest the backends allow).
+            let session = format!(
+                "mode=session&session_timeout={}ms&timeout={}ms",
+                ms(lease),
+                ms(lease) / 3
+            );
             let server = Server::start(kind, &dir.join("server")).await?;
             let url = |addr: SocketAddr| match backend {
                 BackendKind::Redis => format!("redis://{addr}/0"),
                 // Sessions end after one lease without keep-alives, like a Redis lease.
                 BackendKind::Etcd => format!("etcd://{addr}?session_ttl={}s", lease.as_secs()),
                 BackendKind::PostgresLease => format!("postgres://postgres@{addr}/postgres"),
-                // The server ends a connection silent for one lease; a statement may take a
-                // third of it (the longest the backend allows).
-                BackendKind::PostgresSession => format!(
-                    "postgres://postgres@{addr}/postgres?mode=session&session_timeout={}ms&timeout={}ms",
-                    ms(lease),
-                    ms(lease) / 3
-                ),
+                BackendKind::PostgresSession => {
+                    format!("postgres://postgres@{addr}/postgres?{session}")
+                }
+                BackendKind::MysqlLease => format!("mysql://proof@{addr}/proof"),
+                BackendKind::MysqlSession => format!("mysql://proof@{addr}/proof?{session}"),
                 _ => format!("zk://{addr}?session_timeout={}ms", ms(lease)),
             };
             for _ in 0..processes {

@@ -1,6 +1,6 @@
 //! Servers a proof run starts for itself, so it can crash and restart them: Redis, etcd,
-//! ZooKeeper and PostgreSQL, each from its Debian package, on free loopback ports with data in
-//! the run's directory.
+//! ZooKeeper, PostgreSQL and MariaDB, each from its Debian package, on free loopback ports with
+//! data in the run's directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +27,11 @@ pub enum ServerKind {
     /// defaults), run as the `postgres` user when started as root. A crash kills the
     /// postmaster; its backends end on their own when they see it gone.
     Postgres,
+    /// A MariaDB server of its own (`mariadb-install-db` into the run's directory, its own
+    /// socket there; InnoDB writes and flushes its log at every commit, the default), with a
+    /// user `proof` (no password) that owns the database `proof`. A crash is a kill -9 of
+    /// `mariadbd`; it restarts on the same data, with InnoDB's crash recovery.
+    Mariadb,
 }
 
 /// A throwaway server on loopback.
@@ -159,6 +164,23 @@ impl Server {
                 as_postgres_user(&mut c)?;
                 c
             }
+            ServerKind::Mariadb => {
+                let path = |name: &str| self.dir.join(name).display().to_string();
+                let mut c = Command::new("mariadbd");
+                c.arg("--no-defaults");
+                if rustix::process::geteuid().is_root() {
+                    c.arg("--user=root");
+                }
+                c.arg(format!("--datadir={}", path("data")))
+                    .arg(format!("--socket={}", path("mariadb.sock")))
+                    .arg(format!("--pid-file={}", path("mariadb.pid")))
+                    .arg(format!("--log-error={}", path("server.log")))
+                    .arg(format!("--init-file={}", path("init.sql")))
+                    .args(["--bind-address=127.0.0.1", &format!("--port={port}")])
+                    .args(["--skip-name-resolve", "--max-connections=200"])
+                    .arg("--innodb-flush-log-at-trx-commit=1");
+                c
+            }
         };
         let out = std::fs::File::create(self.dir.join("server.out")).map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
@@ -198,15 +220,58 @@ impl Server {
         Ok(())
     }
 
+    /// Creates the MariaDB data directory (once) and the file of statements the server runs at
+    /// every start: the `proof` user and database.
+    async fn install_mariadb(&self) -> Result<(), String> {
+        std::fs::write(
+            self.dir.join("init.sql"),
+            "CREATE DATABASE IF NOT EXISTS proof;\n\
+             CREATE USER IF NOT EXISTS 'proof'@'127.0.0.1';\n\
+             GRANT ALL PRIVILEGES ON proof.* TO 'proof'@'127.0.0.1';\n",
+        )
+        .map_err(|e| e.to_string())?;
+        let done = self.dir.join("installed");
+        if done.exists() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_dir_all(self.dir.join("data"));
+        let mut c = Command::new("mariadb-install-db");
+        c.arg("--no-defaults");
+        if rustix::process::geteuid().is_root() {
+            c.arg("--user=root");
+        }
+        c.arg(format!("--datadir={}", self.dir.join("data").display()))
+            .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(self.dir.join("install.log")).map_err(|e| e.to_string())?,
+            );
+        let status = c.status().await.map_err(|e| {
+            format!("cannot run mariadb-install-db: {e}; scripts/proof installs MariaDB")
+        })?;
+        if !status.success() {
+            let log = std::fs::read_to_string(self.dir.join("install.log")).unwrap_or_default();
+            return Err(format!(
+                "mariadb-install-db failed ({status}): {}",
+                log.trim()
+            ));
+        }
+        std::fs::write(done, b"").map_err(|e| e.to_string())
+    }
+
     async fn spawn(&mut self) -> Result<(), String> {
         let program = match self.kind {
             ServerKind::Redis { .. } => "redis-server (Debian redis-server)",
             ServerKind::Etcd => "etcd (Debian etcd-server)",
             ServerKind::Zookeeper => "ZooKeeper (Debian zookeeper, with java)",
             ServerKind::Postgres => "PostgreSQL (Debian postgresql)",
+            ServerKind::Mariadb => "mariadbd (Debian mariadb-server)",
         };
-        if self.kind == ServerKind::Postgres {
-            self.initdb().await?;
+        match self.kind {
+            ServerKind::Postgres => self.initdb().await?,
+            ServerKind::Mariadb => self.install_mariadb().await?,
+            _ => {}
         }
         let child = self
             .command()?
@@ -232,7 +297,12 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        let out = std::fs::read_to_string(self.dir.join("server.out")).unwrap_or_default();
+        let log = if self.kind == ServerKind::Mariadb {
+            "server.log"
+        } else {
+            "server.out"
+        };
+        let out = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
         let tail: Vec<&str> = out.lines().rev().take(3).collect();
         Err(format!(
             "{program} did not answer on port {}: {}",
@@ -252,6 +322,9 @@ impl Server {
             // A startup message for the trusted superuser: AuthenticationOk once the server
             // accepts connections (an error while it starts up or recovers).
             ServerKind::Postgres => (&PG_STARTUP, b"R\0\0\0\x08\0\0\0\0"),
+            // The server speaks first: a handshake packet (sequence 0, protocol version 10; its
+            // three length bytes vary), or an error packet while it cannot take connections.
+            ServerKind::Mariadb => (b"", b"???\0\x0a"),
         };
         exchange(self.addr(), request, expect).await
     }
@@ -338,18 +411,19 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), String> {
         .map_err(|e| format!("cannot hand {} to the postgres user: {e}", path.display()))
 }
 
-/// Sends `request` and checks that the answer starts with `expect`.
+/// Sends `request` (if any) and checks that the answer starts with `expect`, where `?` matches
+/// any byte.
 async fn exchange(addr: SocketAddr, request: &[u8], expect: &[u8]) -> bool {
     let Ok(mut s) = TcpStream::connect(addr).await else {
         return false;
     };
-    if s.write_all(request).await.is_err() {
+    if !request.is_empty() && s.write_all(request).await.is_err() {
         return false;
     }
     let mut buf = vec![0u8; expect.len()];
     matches!(
         tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
-        Ok(Ok(_)) if buf == expect
+        Ok(Ok(_)) if buf.iter().zip(expect).all(|(b, e)| b == e || *e == b'?')
     )
 }
 

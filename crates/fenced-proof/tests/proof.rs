@@ -89,3 +89,12 @@ async fn postgres_session_pause_stale_write_is_refused() {
     let r = run(BackendKind::PostgresSession, Scenario::Pause).await;
     assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
 }
+
+/// A MySQL session-mode holder stopped past its session: the server ends the silent connection
+/// (wait_timeout), which frees its GET_LOCK; the holder writes when it resumes and fencing (the
+/// row's counter) refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_session_pause_stale_write_is_refused() {
+    let r = run(BackendKind::MysqlSession, Scenario::Pause).await;
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
