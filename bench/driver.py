@@ -35,9 +35,10 @@ PEERS_BY_BACKEND = {
     "zookeeper": ["kazoo-lock"],
 }
 PEERS = [p for ps in PEERS_BY_BACKEND.values() for p in ps]
-ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper", "postgres-lease", "postgres-session"]
-# The backends of this run (etcd, ZooKeeper and PostgreSQL only when scripts/bench started their
-# servers).
+ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper", "postgres-lease", "postgres-session",
+                "mysql-lease", "mysql-session"]
+# The backends of this run (etcd, ZooKeeper, PostgreSQL and MySQL only when scripts/bench started
+# their servers).
 BACKENDS = list(ALL_BACKENDS)
 
 
@@ -111,10 +112,7 @@ class Runner:
     def shown(self, argv):
         text = " ".join(shlex.quote(a) for a in argv)
         text = text.replace(self.run_dir, "$RUN").replace(self.args.root + "/", "")
-        if getattr(self.args, "pg_url", ""):
-            # The URL carries the test server's password.
-            text = text.replace(self.args.pg_url, "$PG_URL")
-        return text
+        return scrub(self.args, text)
 
     def start(self, argv, tag):
         self.n += 1
@@ -239,6 +237,10 @@ class Runner:
             return self.args.pg_url
         if backend == "postgres-session":
             return self.args.pg_url + "?mode=session"
+        if backend == "mysql-lease":
+            return self.args.mysql_url
+        if backend == "mysql-session":
+            return self.args.mysql_url + "?mode=session"
         return f"redis://127.0.0.1:{self.args.redis_port}/0"
 
     def argv(self, impl, url, mode, tasks, prefix):
@@ -267,6 +269,16 @@ class Runner:
             return {"backend": backend, "count": count, "ok": False, "error": err}
         out.update(ok=True, backend=backend, count=count)
         return out
+
+
+def scrub(args, text):
+    """`text` with the SQL servers' URLs, which carry the test servers' passwords, as $PG_URL and
+    $MYSQL_URL."""
+    for attr, name in (("pg_url", "$PG_URL"), ("mysql_url", "$MYSQL_URL")):
+        url = getattr(args, attr, "")
+        if url:
+            text = text.replace(url, name)
+    return text
 
 
 def tail(path, n=6):
@@ -411,7 +423,7 @@ def pgbench(runner):
             f.write(script)
         argv = ["pgbench", "-n", "-M", "prepared", "-c", "1", "-T", str(max(1, round(a.duration))),
                 "-f", path, a.pg_url]
-        runner.commands.append(runner.shown(argv).replace(a.pg_url, "$PG_URL"))
+        runner.commands.append(runner.shown(argv))
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -421,7 +433,7 @@ def pgbench(runner):
         lat = re.search(r"^latency average = ([0-9.]+) ms", p.stdout, re.M)
         if p.returncode != 0 or not tps or not lat:
             rows.append({"name": name, "backend": backend,
-                         "error": (p.stderr or p.stdout).strip().replace(a.pg_url, "$PG_URL")[-300:]})
+                         "error": scrub(a, (p.stderr or p.stdout).strip())[-300:]})
             continue
         rows.append({"name": name, "backend": backend, "tps": float(tps.group(1)),
                      "lat_avg_ns": float(lat.group(1)) * 1e6})
@@ -468,6 +480,8 @@ def machine(args):
         ("Redis", first_line(["redis-server", "--version"])),
         ("PostgreSQL", first_line(["pgbench", "--version"]).replace("pgbench", "pgbench/server")
          if any(b.startswith("postgres") for b in BACKENDS) else "not in this run"),
+        ("MySQL", first_line(["mariadbd", "--version"])
+         if any(b.startswith("mysql") for b in BACKENDS) else "not in this run"),
         ("rustc", first_line(["rustc", "--version"])),
         ("Python", platform.python_version()),
         ("Node", first_line(["node", "--version"])),
@@ -600,13 +614,15 @@ class Report:
           + (", one etcd node" if "etcd" in BACKENDS else "")
           + (", one ZooKeeper node" if "zookeeper" in BACKENDS else "")
           + (", one PostgreSQL server (fsync off, the test suite's)" if "postgres-lease" in BACKENDS else "")
+          + (", one MariaDB server (the test suite's: InnoDB log flushed once a second, not at each commit)"
+             if "mysql-lease" in BACKENDS else "")
           + ". The benchmark processes and the servers share the same cores, so client CPU cost "
           "shows up as lower throughput.\n")
         w("- **fenced**: `fenced-bench --impl fenced`: the library as applications use it, one "
           "`Client` per process shared by its tasks, `lock_with` (wait up to 60 s) and "
           "`LockGuard::release`, lease renewed by the watchdog at its default (lease/3).\n"
           "- **floor**: `fenced-bench --impl floor`: the bare operations fenced needs, written directly "
-          "with the same client library (redis-rs, rusqlite, tokio-postgres, a `Mutex<HashMap>`), with no fencing "
+          "with the same client library (redis-rs, rusqlite, tokio-postgres, mysql_async, a `Mutex<HashMap>`), with no fencing "
           "token on Redis, no renewal, no lost-lock signal, no retries. It is the cost of the store "
           "itself; what fenced adds on top is the price of its guarantees and of its code.\n"
           "- **peers**: other lock libraries, from `bench/peers/bin/` (see `bench/peers/README.md`), "
@@ -643,9 +659,7 @@ class Report:
         for c in self.runner.commands:
             w(c)
         w("```\n")
-        text = "\n".join(out)
-        if getattr(a, "pg_url", ""):
-            text = text.replace(a.pg_url, "$PG_URL")
+        text = scrub(a, "\n".join(out))
         with open(path, "w") as f:
             f.write(text)
 
@@ -654,7 +668,9 @@ class Report:
                  "redis": "Redis (redis://, one server)", "etcd": "etcd (etcd://, one node)",
                  "zookeeper": "ZooKeeper (zk://, one node)",
                  "postgres-lease": "PostgreSQL, lease mode (postgres://, one server)",
-                 "postgres-session": "PostgreSQL, session mode (postgres://…?mode=session, one server)"}[backend]
+                 "postgres-session": "PostgreSQL, session mode (postgres://…?mode=session, one server)",
+                 "mysql-lease": "MySQL (MariaDB), lease mode (mysql://, one server)",
+                 "mysql-session": "MySQL (MariaDB), session mode (mysql://…?mode=session, one server)"}[backend]
         w(f"## {title}\n")
         tps = sorted({r["tasks"] for r in self.results if r["backend"] == backend and r["mode"] == "throughput"})
         impls = self.impls(backend)
@@ -921,9 +937,13 @@ def main():
     ap.add_argument("--pg-url", default="",
                     help="postgres://user:pw@host:port/db of a PostgreSQL server for this run, without parameters "
                          "(no PostgreSQL rows without it); both modes run on it")
+    ap.add_argument("--mysql-url", default="",
+                    help="mysql://user:pw@host:port/db of a MySQL or MariaDB server for this run, without "
+                         "parameters (no MySQL rows without it); both modes run on it")
     args = ap.parse_args()
     BACKENDS[:] = [b for b in ALL_BACKENDS if (b != "etcd" or args.etcd_url) and (b != "zookeeper" or args.zk_url)
-                   and (not b.startswith("postgres") or args.pg_url)]
+                   and (not b.startswith("postgres") or args.pg_url)
+                   and (not b.startswith("mysql") or args.mysql_url)]
     args.pin_cpu = bool(args.redis_pid) and (os.cpu_count() or 1) > 1 and \
         subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
     args.sqlite_dir = os.path.join(args.run_dir, "sqlite")

@@ -7,6 +7,7 @@
 
 mod etcd;
 mod memory;
+mod mysql;
 mod postgres;
 mod redis;
 mod sqlite;
@@ -41,12 +42,27 @@ pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
         let channel = format!("floor_{}", plan.prefix);
         let floor = postgres::PgFloor::connect(url, plan.lease, handoff, channel).await?;
         crate::run::measure(floor, plan).await
+    } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        let floor = mysql::MysqlFloor::connect(url, plan.lease, handoff).await?;
+        crate::run::measure(floor, plan).await
     } else {
         Err(format!(
             "no floor for {url}; use memory://, sqlite:///path, redis://host:port, etcd://host:port, \
-             zk://host:port or postgres://user@host:port/db[?mode=session]"
+             zk://host:port, postgres://user@host:port/db[?mode=session] or \
+             mysql://user@host:port/db[?mode=session]"
         ))
     }
+}
+
+/// 64-bit FNV-1a of a key: the SQL floors' lock id (PostgreSQL's advisory lock id, MySQL's
+/// named lock).
+fn fnv1a(key: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 /// Owner values unique on this machine while the process lives: the pid and a counter.

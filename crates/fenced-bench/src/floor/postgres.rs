@@ -105,12 +105,7 @@ async fn open(config: &tokio_postgres::Config) -> Result<Client, String> {
 
 /// 64-bit FNV-1a of the key: its advisory lock id.
 fn lock_id(key: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash as i64
+    super::fnv1a(key) as i64
 }
 
 fn sql_error(what: &str, e: &tokio_postgres::Error) -> String {
