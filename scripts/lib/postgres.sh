@@ -5,6 +5,9 @@
 #   FENCED_TEST_PG_LIMITED_URL  postgres://fenced_limited:…@127.0.0.1:PORT/fenced_limited_db — may connect,
 #                               may not create tables (for the "no permission" message)
 #   FENCED_TEST_PG_ADMIN        psql arguments of the superuser (unix socket), for tests that end sessions
+#   FENCED_TEST_PG_POOLED_URL   the database through PgBouncer in transaction pooling mode (each
+#                               transaction may run on another server connection), with
+#                               prepared_statements=false
 # initdb and pg_ctl must run as the `postgres` user, not as root.
 # shellcheck shell=bash
 
@@ -19,7 +22,7 @@ pg_bin() {
 
 need_postgres() {
   pg_bin >/dev/null || need_packages "/usr/lib/postgresql/15/bin/initdb:postgresql"
-  need_packages "psql:postgresql-client" "openssl:openssl"
+  need_packages "psql:postgresql-client" "openssl:openssl" "pgbouncer:pgbouncer"
   pg_bin >/dev/null || die "PostgreSQL's initdb was not found under /usr/lib/postgresql/*/bin; install postgresql"
   id postgres >/dev/null 2>&1 || die "the postgres system user is missing; install postgresql"
   command -v pgbench >/dev/null 2>&1 || true
@@ -79,4 +82,43 @@ SQL
   export FENCED_TEST_PG_TLS_URL="postgres://fenced:${password}@localhost:${PG_PORT}/fenced_test?sslmode=verify-full&tls_ca=${dir}/ca.crt"
   export FENCED_TEST_PG_LIMITED_URL="postgres://fenced_limited:${limited_password}@127.0.0.1:${PG_PORT}/fenced_limited_db"
   log "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT"
+  start_pgbouncer "$dir" "$password"
+}
+
+# start_pgbouncer <postgres run dir> <password of fenced>: PgBouncer in transaction pooling
+# mode in front of the test server (as the postgres user: PgBouncer refuses to run as root).
+start_pgbouncer() {
+  local dir="$1" password="$2" bouncer port attempt
+  bouncer="$dir/pgbouncer"
+  mkdir -p "$bouncer"
+  printf '"fenced" "%s"\n' "$password" > "$bouncer/userlist.txt"
+  chmod 600 "$bouncer/userlist.txt"
+  for attempt in 1 2 3; do
+    port="$(free_port)"
+    cat > "$bouncer/pgbouncer.ini" <<INI
+[databases]
+fenced_test = host=127.0.0.1 port=$PG_PORT dbname=fenced_test
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $bouncer/userlist.txt
+pool_mode = transaction
+default_pool_size = 4
+max_client_conn = 200
+logfile = $bouncer/pgbouncer.log
+pidfile = $bouncer/pgbouncer.pid
+INI
+    [[ "$(id -u)" == 0 ]] && chown -R postgres: "$bouncer"
+    as_postgres pgbouncer -q "$bouncer/pgbouncer.ini" >/dev/null 2>&1 &
+    FENCED_PIDS+=("$!")
+    if wait_for 10 env PGPASSWORD="$password" psql -X -q -h 127.0.0.1 -p "$port" -U fenced -d fenced_test -c "SELECT 1"; then
+      export FENCED_TEST_PG_POOLED_URL="postgres://fenced:${password}@127.0.0.1:${port}/fenced_test?prepared_statements=false"
+      log "PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') (transaction pooling) on 127.0.0.1:$port"
+      return 0
+    fi
+    log "PgBouncer did not start on port $port (attempt $attempt): $(tail -3 "$bouncer/pgbouncer.log" 2>/dev/null)"
+  done
+  die "PgBouncer did not start; see $bouncer/pgbouncer.log"
 }

@@ -492,14 +492,18 @@ impl Connector {
     /// lock, so concurrent first uses do not collide).
     async fn ensure_schema(&self, client: &tokio_postgres::Client) -> Result<()> {
         let table = &self.config.params.table;
+        // An unnamed statement: nothing prepared that a pooler could lose.
         let exists = client
-            .query_one(
+            .query_typed(
                 "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
-                &[table, &format!("{table}_tokens")],
+                &[
+                    (table, Type::TEXT),
+                    (&format!("{table}_tokens"), Type::TEXT),
+                ],
             )
             .await
             .map_err(|e| self.error(Operation::Connect, &e))?;
-        if exists.get::<_, bool>(0) {
+        if exists.first().is_some_and(|row| row.get::<_, bool>(0)) {
             return Ok(());
         }
         let guard = crate::backends::sql::key_hash("fenced schema", table) as i64;
@@ -614,10 +618,12 @@ impl PostgresBackend {
         let row = self
             .timed(
                 Operation::Admin,
-                conn.client.query_one("SELECT pg_backend_pid()", &[]),
+                conn.client.query_typed("SELECT pg_backend_pid()", &[]),
             )
             .await?;
-        Ok(row.get(0))
+        row.first()
+            .map(|row| row.get(0))
+            .ok_or_else(|| self.unexpected(Operation::Admin))
     }
 
     /// The current connection, opening one if there is none (or it broke).
