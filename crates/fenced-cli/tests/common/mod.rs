@@ -52,9 +52,23 @@ impl Store {
         }
     }
 
+    /// MariaDB in lease mode.
+    pub fn mysql() -> Store {
+        Store {
+            name: "mysql",
+            url: require_env("FENCED_TEST_MYSQL_URL"),
+            _dir: None,
+        }
+    }
+
     /// Every store shared between processes whose locks can outlive the process.
     pub fn all() -> Vec<Store> {
-        vec![Store::sqlite(), Store::redis(), Store::postgres()]
+        vec![
+            Store::sqlite(),
+            Store::redis(),
+            Store::postgres(),
+            Store::mysql(),
+        ]
     }
 
     pub async fn client(&self) -> fenced::Client {
