@@ -74,11 +74,27 @@ impl Server {
     /// Kills the server (SIGKILL: a crash, no chance to save) and starts it again on the same
     /// ports with the same data directory.
     pub async fn restart(&mut self) -> Result<(), String> {
+        self.kill().await;
+        self.spawn().await
+    }
+
+    /// Kills the server (SIGKILL) and leaves it down; [`Server::start_again`] brings it back.
+    pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
+    }
+
+    /// Starts a server that was [killed](Server::kill) again, on the same ports and data.
+    pub async fn start_again(&mut self) -> Result<(), String> {
+        self.kill().await;
         self.spawn().await
+    }
+
+    /// The server process's id while it runs (for SIGSTOP / SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     fn command(&self) -> Result<Command, String> {

@@ -33,6 +33,10 @@ pub enum Safety {
     /// One server holds the locks (for example a single Redis node). A server restart without
     /// persistence, or a failover to an asynchronously replicated copy, can grant a lock twice.
     SingleServer,
+    /// A majority of independent lease-based servers must grant each lock (Redlock). Survives
+    /// the loss of a minority of them; relies on bounded clock drift and on a restarted server
+    /// staying away for the longest lease.
+    Quorum,
     /// A consensus system (etcd, ZooKeeper) holds the locks; survives minority failures.
     Consensus,
 }

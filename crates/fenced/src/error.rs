@@ -279,5 +279,21 @@ impl StdError for Error {
     }
 }
 
+/// A backend error's underlying cause as text already scrubbed of secrets, kept as an error
+/// source (the client library's own error may carry the URL with its password).
+#[cfg(any(feature = "redis", feature = "etcd", feature = "postgres"))]
+#[derive(Debug)]
+pub(crate) struct Cause(pub(crate) String);
+
+#[cfg(any(feature = "redis", feature = "etcd", feature = "postgres"))]
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "etcd", feature = "postgres"))]
+impl StdError for Cause {}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -14,6 +14,7 @@ use crate::options::LockOptions;
 /// | `memory://` or `memory://name` | in-process store shared by clients of that name | `memory` (default) |
 /// | `sqlite:///path/to/locks.db` | embedded, shared by the processes of one machine | `sqlite` (default) |
 /// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
+/// | `redlock://[user:pass@]host:port,host:port,host:port[,…]`, `redlocks://…` | Redlock over 3 or more independent Redis / Valkey nodes (a majority grants) | `redlock` |
 /// | `zk://[user:pass@]host:port[,host:port…][/chroot]` | a ZooKeeper ensemble (session-bound locks) | `zookeeper` |
 /// | `etcd://[user:pass@]host:port[,host:port…]`, `etcds://…` | an etcd cluster (session-bound locks; TLS with `etcds`) | `etcd` |
 /// | `postgres://user:pass@host:port/db[?mode=session]` | PostgreSQL (lease rows, or advisory locks in session mode) | `postgres` |
@@ -102,6 +103,19 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
     {
         return crate::backends::zookeeper::open_str(raw).await;
     }
+    // A list of Redlock nodes is read by the backend too.
+    if raw
+        .get(..10)
+        .is_some_and(|s| s.eq_ignore_ascii_case("redlock://"))
+        || raw
+            .get(..11)
+            .is_some_and(|s| s.eq_ignore_ascii_case("redlocks://"))
+    {
+        #[cfg(feature = "redlock")]
+        return crate::backends::redlock::open_str(raw).await;
+        #[cfg(not(feature = "redlock"))]
+        return Err(feature_off("redlock", "redlock"));
+    }
     // Several etcd endpoints in the authority (`etcd://a:2379,b:2379`) become a parameter.
     #[cfg(feature = "etcd")]
     let raw = &*crate::backends::etcd::fold_endpoints(raw);
@@ -156,12 +170,12 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             #[cfg(not(feature = "mysql"))]
             return Err(feature_off(&scheme, "mysql"));
         }
-        "redlock" | "redis+cluster" | "redis+sentinel" => Err(Error::new(
+        "redis+cluster" | "redis+sentinel" => Err(Error::new(
             ErrorKind::Unsupported,
             Operation::Connect,
             format!(
                 "the {scheme}:// backend is not part of this version of fenced yet; supported now: memory://, \
-                 sqlite://, redis://, rediss://, etcd://, etcds://, zk://, postgres://, mysql://"
+                 sqlite://, redis://, rediss://, redlock://, etcd://, etcds://, zk://, postgres://, mysql://"
             ),
         )),
         _ => Err(Error::new(
@@ -257,6 +271,10 @@ const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
 /// assert_eq!(fenced::redact("redis://app:hunter2@cache:6379/0"), "redis://app:***@cache:6379/0");
 /// assert_eq!(fenced::redact("rediss://:s3cret@cache/0?password=x&prefix=p"), "rediss://:***@cache/0?password=***&prefix=p");
 /// assert_eq!(fenced::redact("memory://"), "memory://");
+/// assert_eq!(
+///     fenced::redact("redlock://:a@h1:1,:b@h2:2,h3:3"),
+///     "redlock://:***@h1:1,:***@h2:2,h3:3"
+/// );
 /// ```
 pub fn redact(url: &str) -> String {
     let mut out = String::with_capacity(url.len());
@@ -270,19 +288,19 @@ pub fn redact(url: &str) -> String {
             out.push_str("://");
             let auth_end = rest.find('/').unwrap_or(rest.len());
             let (authority, path) = rest.split_at(auth_end);
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    match userinfo.split_once(':') {
-                        Some((user, _password)) => {
-                            out.push_str(user);
-                            out.push_str(":***");
-                        }
-                        None => out.push_str(userinfo),
-                    }
-                    out.push('@');
-                    out.push_str(host);
-                }
-                None => out.push_str(authority),
+            let entries: Vec<&str> = authority.split(',').collect();
+            // A list of nodes with their own credentials (`redlock://`): each entry on its own,
+            // but only when every entry reads as `[userinfo@]host[:port]`; otherwise (a comma in
+            // a password, say) everything up to the last `@` is hidden.
+            if authority.matches('@').count() > 1
+                && entries
+                    .iter()
+                    .all(|e| is_host_port(e.rsplit_once('@').map_or(*e, |(_, h)| h)))
+            {
+                let redacted: Vec<String> = entries.iter().map(|e| redact_userinfo(e)).collect();
+                out.push_str(&redacted.join(","));
+            } else {
+                out.push_str(&redact_userinfo(authority));
             }
             out.push_str(path);
         }
@@ -300,6 +318,46 @@ pub fn redact(url: &str) -> String {
         out.push_str(&parts.join("&"));
     }
     out
+}
+
+/// `user:password@host` → `user:***@host`; text without `@` is returned as it is.
+fn redact_userinfo(authority: &str) -> String {
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    }
+}
+
+/// Whether `text` is `host` or `host:port` (a name, an IPv4 address or a bracketed IPv6 one).
+fn is_host_port(text: &str) -> bool {
+    let (host_ok, port) = match text.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => (
+                !v6.is_empty()
+                    && v6
+                        .chars()
+                        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.')),
+                port,
+            ),
+            None => return false,
+        },
+        None => {
+            let host = text.split_once(':').map_or(text, |(host, _)| host);
+            let ok = !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            (ok, &text[host.len()..])
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    host_ok && port_ok
 }
 
 fn is_secret_name(name: &str) -> bool {
@@ -415,6 +473,39 @@ pub(crate) fn server_url(
     Ok(tls)
 }
 
+/// Percent-decodes one part of a URL (user name, database, path) into UTF-8, or says which part
+/// of which (redacted) URL is not valid.
+#[cfg(any(
+    feature = "etcd",
+    feature = "zookeeper",
+    feature = "postgres",
+    feature = "mysql"
+))]
+pub(crate) fn decode(part: &str, what: &str, redacted: &str) -> Result<String> {
+    percent_encoding::percent_decode_str(part)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| {
+            invalid(format!(
+                "the {what} in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it correctly"
+            ))
+        })
+}
+
+/// Installs rustls's default crypto provider unless one is installed already (TLS backends).
+#[cfg(any(
+    feature = "redis",
+    feature = "etcd",
+    feature = "postgres",
+    feature = "mysql"
+))]
+pub(crate) fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race against another installer is fine: some provider is installed.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
 /// Reads a PEM CA certificate named by a `tls_ca=` URL parameter (TLS backends).
 #[cfg(any(
     feature = "redis",
@@ -445,6 +536,21 @@ pub(crate) fn read_ca(path: std::path::PathBuf) -> Result<(std::path::PathBuf, V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_lists_are_redacted_per_node_and_never_leak() {
+        assert_eq!(
+            redact("redlock://u:a@h1:1,:b@[::1]:2,h3/0?node_timeout=1s"),
+            "redlock://u:***@h1:1,:***@[::1]:2,h3/0?node_timeout=1s"
+        );
+        // An unencoded comma in a password: the entries do not read as hosts, so everything up
+        // to the last `@` is hidden.
+        let shown = redact("redlock://:pa,ss@h1:1,:x@h2:2");
+        assert!(
+            !shown.contains("pa") && !shown.contains("ss@") && !shown.contains(":x@"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn redaction() {

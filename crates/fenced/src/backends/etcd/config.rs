@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::url::{invalid, redact, server_url};
+use crate::url::{decode, invalid, redact, server_url};
 
 /// The default key prefix.
 pub(crate) const DEFAULT_PREFIX: &str = "fenced";
@@ -66,17 +66,6 @@ impl fmt::Debug for EtcdConfig {
             .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
             .finish()
     }
-}
-
-fn decode(text: &str, what: &str, redacted: &str) -> Result<String> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .map(|s| s.into_owned())
-        .map_err(|_| {
-            invalid(format!(
-                "the {what} in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it correctly"
-            ))
-        })
 }
 
 /// `host:port` checked: a host name or address and a port number (2379 when left out).

@@ -22,9 +22,10 @@ use crate::backend::{
     AcquireRequest, Acquired, Binding, Capabilities, Confirm, Grant, HolderInfo, LockRef, Mode,
     Safety, SessionState, Watch,
 };
-use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::error::{Cause, Error, ErrorKind, Operation, Result};
 use crate::key::Key;
 use crate::token::{FencingToken, OwnerId};
+use crate::url::ensure_crypto_provider;
 
 use config::EtcdConfig;
 pub(crate) use config::fold_endpoints;
@@ -356,14 +357,6 @@ impl EtcdBackend {
     }
 }
 
-/// rustls needs a process-wide crypto provider; install aws-lc-rs unless the application
-/// installed one already.
-fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
-}
-
 /// `%` → `%25`, `/` → `%2F`: every key gets its own queue prefix, and the escaped form of a key
 /// prefix is a prefix of the escaped forms of exactly the keys that start with it.
 fn escape(key: &str) -> Cow<'_, str> {
@@ -518,18 +511,6 @@ impl Context<'_> {
             .transient(transient)
     }
 }
-
-/// A scrubbed error text as an error source.
-#[derive(Debug)]
-struct Cause(String);
-
-impl fmt::Display for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Cause {}
 
 #[async_trait]
 impl Backend for EtcdBackend {

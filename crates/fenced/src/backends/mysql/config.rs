@@ -16,7 +16,7 @@ use mysql_async::{Opts, OptsBuilder, SslOpts};
 
 use crate::backends::sql::{COMMON_PARAMS, SqlParams};
 use crate::error::Result;
-use crate::url::{invalid, redact};
+use crate::url::{decode, invalid, redact};
 
 /// The default MySQL port.
 const DEFAULT_PORT: u16 = 3306;
@@ -49,17 +49,6 @@ impl fmt::Debug for MysqlConfig {
             .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
             .finish()
     }
-}
-
-fn decode(text: &str, what: &str, redacted: &str) -> Result<String> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .map(|s| s.into_owned())
-        .map_err(|_| {
-            invalid(format!(
-                "the {what} in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it correctly"
-            ))
-        })
 }
 
 impl MysqlConfig {

@@ -22,6 +22,7 @@ use crate::backends::sql::{SqlMode, key_hash};
 use crate::error::{Error, ErrorKind, Operation, Result};
 use crate::key::Key;
 use crate::token::{FencingToken, OwnerId};
+use crate::url::ensure_crypto_provider;
 
 use config::MysqlConfig;
 use session::{Dedicated, Request};
@@ -473,14 +474,6 @@ impl MysqlBackend {
     /// The current holder of `key` after an owner check failed (for the caller's message).
     async fn not_held(&self, key: &Key) -> Result<Confirm> {
         Ok(Confirm::NotHeld(self.holder(key).await.unwrap_or(None)))
-    }
-}
-
-/// rustls needs a process-wide crypto provider; install aws-lc-rs unless the application
-/// installed one already.
-fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use crate::backends::sql::{COMMON_PARAMS, SqlParams};
 use crate::error::Result;
-use crate::url::{invalid, redact};
+use crate::url::{decode, invalid, redact};
 
 /// The default port of PostgreSQL.
 const DEFAULT_PORT: u16 = 5432;
@@ -55,17 +55,6 @@ impl fmt::Debug for PgConfig {
             .field("tls", &self.tls)
             .finish()
     }
-}
-
-fn decode(text: &str, what: &str, redacted: &str) -> Result<String> {
-    percent_encoding::percent_decode_str(text)
-        .decode_utf8()
-        .map(|s| s.into_owned())
-        .map_err(|_| {
-            invalid(format!(
-                "the {what} in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it correctly"
-            ))
-        })
 }
 
 impl PgConfig {

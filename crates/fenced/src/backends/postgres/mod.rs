@@ -21,9 +21,10 @@ use crate::backend::{
     Mode, Safety, SessionState, Watch,
 };
 use crate::backends::sql::{SqlMode, advisory_id};
-use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::error::{Cause, Error, ErrorKind, Operation, Result};
 use crate::key::Key;
 use crate::token::{FencingToken, OwnerId};
+use crate::url::ensure_crypto_provider;
 
 use config::PgConfig;
 use wait::Notifier;
@@ -283,13 +284,6 @@ fn grant_sql(table: &str, user: &str) -> String {
     )
 }
 
-/// rustls needs a process-wide crypto provider; install aws-lc-rs unless one is installed.
-fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
-}
-
 fn tls_connector(config: &PgConfig) -> Result<MakeRustlsConnect> {
     ensure_crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
@@ -321,18 +315,6 @@ fn tls_connector(config: &PgConfig) -> Result<MakeRustlsConnect> {
         .with_no_client_auth();
     Ok(MakeRustlsConnect::new(tls))
 }
-
-/// The underlying cause of a backend error, with the password removed.
-#[derive(Debug)]
-struct Cause(String);
-
-impl fmt::Display for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Cause {}
 
 impl Connector {
     /// Opens one connection, within the timeout.

@@ -7,6 +7,8 @@
 //! | `prefix` | `fenced` | first part of every key and channel name; no `{` or `}` |
 //! | `timeout` | `2s` | how long one command may take (connect, reply) before it fails as transient |
 //! | `tls_ca` | system roots | `rediss://` only: a PEM file of the CA(s) to trust instead of the system's |
+//! | `min_replicas` | `0` (off) | after each grant, `WAIT` until this many replicas have it; fewer in time: the grant is given back and the attempt fails as "not acquired (replication)" |
+//! | `replica_timeout` | `1s` | how long one `WAIT` for replicas may take |
 //!
 //! Our parameters are removed before the rest of the URL is handed to the `redis` crate.
 
@@ -27,6 +29,10 @@ const MIN_TIMEOUT: Duration = Duration::from_millis(10);
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest prefix accepted, in bytes.
 const MAX_PREFIX_LEN: usize = 128;
+/// The default time a grant waits for its replicas (`WAIT`).
+pub(crate) const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
+/// The most replicas `min_replicas` may ask for.
+const MAX_MIN_REPLICAS: u32 = 64;
 /// The default Redis port.
 const DEFAULT_PORT: u16 = 6379;
 
@@ -45,6 +51,10 @@ pub(crate) struct RedisConfig {
     pub(crate) timeout: Duration,
     /// The `tls_ca` file and its contents.
     pub(crate) tls_ca: Option<(PathBuf, Vec<u8>)>,
+    /// Replicas that must acknowledge a grant (0: do not wait).
+    pub(crate) min_replicas: u32,
+    /// How long to wait for them.
+    pub(crate) replica_timeout: Duration,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -54,6 +64,8 @@ impl fmt::Debug for RedisConfig {
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
+            .field("min_replicas", &self.min_replicas)
+            .field("replica_timeout", &self.replica_timeout)
             .finish()
     }
 }
@@ -100,12 +112,39 @@ impl RedisConfig {
         let mut prefix = None;
         let mut timeout = None;
         let mut tls_ca = None;
-        for (name, value) in crate::url::query_params(url, &["prefix", "timeout", "tls_ca"])? {
+        let mut min_replicas = None;
+        let mut replica_timeout = None;
+        for (name, value) in crate::url::query_params(
+            url,
+            &[
+                "prefix",
+                "timeout",
+                "tls_ca",
+                "min_replicas",
+                "replica_timeout",
+            ],
+        )? {
             let seen = match name.as_str() {
                 "prefix" => prefix.replace(value.clone()).is_some(),
                 "timeout" => timeout
                     .replace(crate::url::duration_param(url, &name, &value)?)
                     .is_some(),
+                "replica_timeout" => replica_timeout
+                    .replace(crate::url::duration_param(url, &name, &value)?)
+                    .is_some(),
+                "min_replicas" => {
+                    let n = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| *n <= MAX_MIN_REPLICAS)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "min_replicas={value:?} in {redacted} is not a number of replicas from 0 to \
+                                 {MAX_MIN_REPLICAS}; write e.g. min_replicas=1"
+                            ))
+                        })?;
+                    min_replicas.replace(n).is_some()
+                }
                 _ => tls_ca.replace(value.clone()).is_some(),
             };
             if seen {
@@ -121,6 +160,13 @@ impl RedisConfig {
             return Err(invalid(format!(
                 "timeout={timeout:?} in {redacted} is out of range; use between {MIN_TIMEOUT:?} and {MAX_TIMEOUT:?} \
                  (default {DEFAULT_TIMEOUT:?})"
+            )));
+        }
+        let replica_timeout = replica_timeout.unwrap_or(DEFAULT_REPLICA_TIMEOUT);
+        if !(MIN_TIMEOUT..=MAX_TIMEOUT).contains(&replica_timeout) {
+            return Err(invalid(format!(
+                "replica_timeout={replica_timeout:?} in {redacted} is out of range; use between {MIN_TIMEOUT:?} and \
+                 {MAX_TIMEOUT:?} (default {DEFAULT_REPLICA_TIMEOUT:?})"
             )));
         }
         let tls_ca = match tls_ca {
@@ -150,6 +196,8 @@ impl RedisConfig {
             prefix,
             timeout,
             tls_ca,
+            min_replicas: min_replicas.unwrap_or(0),
+            replica_timeout,
         })
     }
 }
@@ -194,6 +242,13 @@ mod tests {
         assert_eq!(c.target, "redis://localhost:6379");
         assert!(!c.tls);
 
+        assert_eq!(c.min_replicas, 0);
+        let c = parse("redis://h/0?min_replicas=2&replica_timeout=250ms").unwrap();
+        assert_eq!(
+            (c.min_replicas, c.replica_timeout),
+            (2, Duration::from_millis(250))
+        );
+
         let c = parse("rediss://u:p%40ss@h:7000/3?prefix=app&timeout=500ms").unwrap();
         assert_eq!(c.prefix, "app");
         assert_eq!(c.timeout, Duration::from_millis(500));
@@ -219,6 +274,12 @@ mod tests {
             ),
             ("rediss://:hunter2@h/0#insecure", "fragment"),
             ("redis://:hunter2@h/0?prefix=a&prefix=b", "twice"),
+            ("redis://:hunter2@h/0?min_replicas=-1", "number of replicas"),
+            (
+                "redis://:hunter2@h/0?min_replicas=1000",
+                "number of replicas",
+            ),
+            ("redis://:hunter2@h/0?replica_timeout=0s", "out of range"),
         ] {
             let e = parse(url).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{url}");

@@ -17,9 +17,10 @@ use crate::backend::{
     AcquireRequest, Acquired, Backend, Binding, Capabilities, Confirm, Grant, HolderInfo, LockRef,
     Mode, Safety, Watch,
 };
-use crate::error::{Error, ErrorKind, Operation, Result};
+use crate::error::{Cause, Error, ErrorKind, Operation, Result};
 use crate::key::Key;
 use crate::token::{FencingToken, OwnerId};
+use crate::url::ensure_crypto_provider;
 
 use config::RedisConfig;
 use wait::Notifier;
@@ -249,15 +250,6 @@ fn escape(key: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// rustls needs a process-wide crypto provider; install aws-lc-rs unless the application
-/// installed one already.
-fn ensure_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Losing a race against another installer is fine: some provider is installed.
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
-}
-
 /// Opens and checks (`PING`) a pub/sub connection within the timeout.
 async fn open_pubsub(client: &redis::Client, context: &Context) -> Result<PubSub> {
     let open = async {
@@ -272,18 +264,6 @@ async fn open_pubsub(client: &redis::Client, context: &Context) -> Result<PubSub
         Err(_) => Err(context.timed_out(Operation::Connect)),
     }
 }
-
-/// The underlying cause of a backend error, with any password removed.
-#[derive(Debug)]
-struct Cause(String);
-
-impl fmt::Display for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Cause {}
 
 impl Context {
     fn client(&self) -> Result<redis::Client> {
@@ -640,10 +620,13 @@ impl Backend for RedisBackend {
             )
             .await?;
         match (reply.first().and_then(int), reply.get(1).and_then(int)) {
-            (Some(1), Some(token)) if token > 0 => Ok(Acquired::Granted(Grant::new(
-                FencingToken::new(token.unsigned_abs()),
-                Duration::from_millis(ms),
-            ))),
+            (Some(1), Some(token)) if token > 0 => {
+                self.replicated(request).await?;
+                Ok(Acquired::Granted(Grant::new(
+                    FencingToken::new(token.unsigned_abs()),
+                    Duration::from_millis(ms),
+                )))
+            }
             (Some(0), _) => Ok(Acquired::Held(holder_info(&reply[1..]))),
             _ => Err(self
                 .inner
@@ -831,6 +814,61 @@ impl RedisBackend {
         }
     }
 
+    /// With `min_replicas`, waits (`WAIT`) until that many replicas have the grant just made on
+    /// this connection; when fewer acknowledge in `replica_timeout`, gives the grant back and
+    /// fails with "not acquired (replication)" (transient: the client may retry).
+    async fn replicated(&self, request: &AcquireRequest<'_>) -> Result<()> {
+        let config = &self.inner.context.config;
+        if config.min_replicas == 0 {
+            return Ok(());
+        }
+        let wanted = config.min_replicas;
+        let wait_ms = u64::try_from(config.replica_timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.inner.conn.clone();
+        let acked = tokio::time::timeout(
+            config.replica_timeout + config.timeout,
+            redis::cmd("WAIT")
+                .arg(wanted)
+                .arg(wait_ms)
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+        let acked = match acked {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                let _ = self
+                    .release(&LockRef::new(request.key, request.owner))
+                    .await;
+                return Err(self.inner.context.error(Operation::Acquire, &e));
+            }
+            Err(_) => -1,
+        };
+        if acked >= i64::from(wanted) {
+            return Ok(());
+        }
+        // Owner-checked, so it never touches another owner's lock; if it fails, the lease ends it.
+        let _ = self
+            .release(&LockRef::new(request.key, request.owner))
+            .await;
+        let acked = if acked < 0 {
+            "no answer".to_owned()
+        } else {
+            format!("{acked}")
+        };
+        Err(Error::new(
+            ErrorKind::Backend,
+            Operation::Acquire,
+            format!(
+                "not acquired (replication): {acked} of the {wanted} replicas asked for (min_replicas) acknowledged \
+                 the grant on {} within {:?}; the grant was given back. Check the replicas (INFO replication), \
+                 or lower min_replicas",
+                config.redacted, config.replica_timeout
+            ),
+        )
+        .transient(true)
+        .with_key(request.key.as_str()))
+    }
+
     /// Reads the reply of the extend and release scripts.
     fn confirm(&self, operation: Operation, reply: Vec<Value>) -> Result<Confirm> {
         match reply.first().and_then(int) {
@@ -854,6 +892,98 @@ impl RedisBackend {
                 .context
                 .unexpected(Operation::Admin, &Value::Array(reply))),
         }
+    }
+}
+
+/// One node's answer to a Redlock grant (see the Redlock backend).
+#[cfg(feature = "redlock")]
+#[derive(Debug)]
+pub(crate) enum NodeGrant {
+    /// Granted on this node (or refreshed for the same owner) with this node's token.
+    Granted(u64),
+    /// Held by another owner on this node.
+    Held(HolderInfo),
+}
+
+/// The per-node steps of the Redlock backend, which runs a [`RedisBackend`] per node.
+#[cfg(feature = "redlock")]
+impl RedisBackend {
+    /// Redlock's grant on this node (the same reply shape as [`Backend::acquire`]).
+    pub(crate) async fn redlock_grant(&self, request: &AcquireRequest<'_>) -> Result<NodeGrant> {
+        let names = self.key_names(request.key);
+        let reply = self
+            .run(
+                Operation::Acquire,
+                scripts::REDLOCK_ACQUIRE
+                    .key(&names.lock)
+                    .key(&names.fence)
+                    .arg(request.owner.to_string())
+                    .arg(lease_ms(request.lease))
+                    .arg(request.label),
+            )
+            .await?;
+        match (reply.first().and_then(int), reply.get(1).and_then(int)) {
+            (Some(1), Some(token)) if token > 0 => Ok(NodeGrant::Granted(token.unsigned_abs())),
+            (Some(0), _) => Ok(NodeGrant::Held(holder_info(&reply[1..]))),
+            _ => Err(self
+                .inner
+                .context
+                .unexpected(Operation::Acquire, &Value::Array(reply))),
+        }
+    }
+
+    /// Redlock's second round on this node: sets the grant's token to `token` (and the counter
+    /// to at least `token`) while `owner` still holds the lock here. `false` when it does not.
+    pub(crate) async fn redlock_raise(
+        &self,
+        key: &Key,
+        owner: &OwnerId,
+        token: u64,
+    ) -> Result<bool> {
+        let names = self.key_names(key);
+        let reply = self
+            .run(
+                Operation::Acquire,
+                scripts::REDLOCK_RAISE
+                    .key(&names.lock)
+                    .key(&names.fence)
+                    .arg(owner.to_string())
+                    .arg(token),
+            )
+            .await?;
+        match reply.first().and_then(int) {
+            Some(1) => Ok(true),
+            Some(0) => Ok(false),
+            _ => Err(self
+                .inner
+                .context
+                .unexpected(Operation::Acquire, &Value::Array(reply))),
+        }
+    }
+
+    /// The server's uptime, from `INFO server` (for the Redlock restart check).
+    pub(crate) async fn uptime(&self) -> Result<Duration> {
+        let mut conn = self.inner.conn.clone();
+        let info: String = self
+            .timed(
+                Operation::Admin,
+                redis::cmd("INFO").arg("server").query_async(&mut conn),
+            )
+            .await?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("uptime_in_seconds:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                self.inner
+                    .context
+                    .unexpected(Operation::Admin, &Value::SimpleString(info.clone()))
+            })
+    }
+
+    /// The URL with the password replaced by `***`.
+    pub(crate) fn redacted(&self) -> &str {
+        &self.inner.context.config.redacted
     }
 }
 

@@ -168,3 +168,55 @@ return {1, lock[1], lock[2], lock[3], pttl, age, waiting}
 ";
 pub(crate) static FORCE_RELEASE: LazyLock<Lua> =
     LazyLock::new(|| Lua::with_functions(FORCE_RELEASE_LUA));
+
+/// Redlock's per-node grant (see the Redlock backend's docs). `KEYS[1]` lock hash, `KEYS[2]`
+/// fence counter; `ARGV[1]` owner, `ARGV[2]` lease in ms, `ARGV[3]` label. Reply as [`ACQUIRE`].
+///
+/// The counter steps by one, so nodes that took part in every grant keep equal counters and a
+/// grant needs no second round. A counter that does not exist yet (a new key, or a node that
+/// restarted empty) starts at the server's time in microseconds, which is above every token
+/// handed out before as long as the node's clock is not behind the clock that started the
+/// key's counter on another node.
+const REDLOCK_ACQUIRE_LUA: &str = r"
+local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
+if not lock[1] then
+    if redis.replicate_commands then
+        redis.replicate_commands()
+    end
+    local now = redis.call('TIME')
+    local micros = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    redis.call('SET', KEYS[2], micros, 'NX')
+    local token = redis.call('INCR', KEYS[2])
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'token', token, 'label', ARGV[3], 'granted', micros)
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, token}
+end
+if lock[1] == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, tonumber(lock[2])}
+end
+return {0, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4])}
+";
+pub(crate) static REDLOCK_ACQUIRE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::with_functions(REDLOCK_ACQUIRE_LUA));
+
+/// Redlock's second round: raises a node's grant to the token chosen over the granting
+/// majority. `KEYS[1]` lock hash, `KEYS[2]` fence counter; `ARGV[1]` owner, `ARGV[2]` token.
+/// Only while `ARGV[1]` still holds the lock on this node: `{1}` raised (the counter is then at
+/// least the token), `{0}` not held by that owner.
+const REDLOCK_RAISE_LUA: &str = r"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner ~= ARGV[1] then
+    return {0}
+end
+local token = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'token', ARGV[2])
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0')
+if counter < token then
+    redis.call('SET', KEYS[2], ARGV[2])
+end
+return {1}
+";
+pub(crate) static REDLOCK_RAISE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::with_functions(REDLOCK_RAISE_LUA));

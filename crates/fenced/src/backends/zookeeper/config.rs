@@ -15,7 +15,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::url::{invalid, redact};
+use crate::url::{decode, invalid, redact};
 
 /// The default prefix node.
 pub(crate) const DEFAULT_PREFIX: &str = "fenced";
@@ -57,17 +57,6 @@ impl fmt::Debug for ZkConfig {
             .field("timeout", &self.timeout)
             .finish()
     }
-}
-
-fn decode(part: &str, what: &str, redacted: &str) -> Result<String> {
-    percent_encoding::percent_decode_str(part)
-        .decode_utf8()
-        .map(|s| s.into_owned())
-        .map_err(|_| {
-            invalid(format!(
-                "the {what} in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it correctly"
-            ))
-        })
 }
 
 impl ZkConfig {
