@@ -61,11 +61,25 @@ impl Store {
         }
     }
 
+    /// Redlock over the first three test nodes.
+    pub fn redlock() -> Store {
+        let url = require_env("FENCED_TEST_REDLOCK_URL");
+        let (scheme, rest) = url.split_once("://").expect("a redlock:// URL");
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let nodes: Vec<&str> = rest[..end].split(',').take(3).collect();
+        Store {
+            name: "redlock",
+            url: format!("{scheme}://{}{}", nodes.join(","), &rest[end..]),
+            _dir: None,
+        }
+    }
+
     /// Every store shared between processes whose locks can outlive the process.
     pub fn all() -> Vec<Store> {
         vec![
             Store::sqlite(),
             Store::redis(),
+            Store::redlock(),
             Store::postgres(),
             Store::mysql(),
         ]
