@@ -127,7 +127,9 @@ What each backend promises (see each backend's README):
 - **sqlite** — one machine; a lease on the machine's boot-time clock, and a dead holder's lock is \
 taken over as soon as its process is gone.
 - **redis** — lease-based on one server: safe while the server keeps its data and its clock; not \
-across failover to an asynchronously replicated replica (not tested here: issue 7).
+across failover to an asynchronously replicated replica (staged in the test suite, \
+`tests/redis_replicas.rs`: a second holder is possible, and `min_replicas` refuses the grant a \
+failover would lose).
 - **etcd** — consensus (Raft); each lock is a key bound to the client's session lease, kept alive \
 in the background; the token is the key's create revision. One node here (a cluster's failover is \
 not part of these runs).
@@ -149,6 +151,11 @@ dedicated connection; the lock also ends when that connection ends, and the serv
 connection silent for `session_timeout` (`wait_timeout`, whole seconds). The client reads its \
 connection only when it sends a statement, so it learns of a connection that ended (a reset, a \
 server restart) at its next renewal, possibly after another holder was granted.
+- **redlock** — Redlock over three Redis servers without persistence: held while a majority of \
+nodes holds the key, every step waits at most `node_timeout` (100 ms) per node; the token is the \
+granting majority's highest counter, written back to a majority. Safe while a majority keeps its \
+keys and clocks; `restart` (one node back empty at once, against the delayed-restart rule) and \
+`node-partition` each take one node away; `restart-aof` keeps the keys on disk.
 No lease-based lock can stop a holder that is paused past its lease from acting when it resumes; \
 that is what the fencing token is for, and the `pause` rows show it doing that job.
 ";

@@ -45,11 +45,14 @@ pub enum BackendKind {
     /// One MariaDB server in session mode (the row plus a `GET_LOCK` named lock on the client's
     /// dedicated connection, which the server ends after `wait_timeout` of silence).
     MysqlSession,
+    /// Redlock over three Redis servers (no persistence); workers are processes, each behind
+    /// its own fault proxy to every node.
+    Redlock,
 }
 
 impl BackendKind {
     /// All of them.
-    pub const ALL: [BackendKind; 9] = [
+    pub const ALL: [BackendKind; 10] = [
         BackendKind::Memory,
         BackendKind::Sqlite,
         BackendKind::Redis,
@@ -59,6 +62,7 @@ impl BackendKind {
         BackendKind::PostgresSession,
         BackendKind::MysqlLease,
         BackendKind::MysqlSession,
+        BackendKind::Redlock,
     ];
 
     /// Its name.
@@ -73,6 +77,7 @@ impl BackendKind {
             BackendKind::PostgresSession => "postgres-session",
             BackendKind::MysqlLease => "mysql-lease",
             BackendKind::MysqlSession => "mysql-session",
+            BackendKind::Redlock => "redlock",
         }
     }
 
@@ -87,6 +92,14 @@ impl BackendKind {
             BackendKind::PostgresSession => wanted.max(SQL_MIN_SESSION),
             BackendKind::MysqlSession => whole_seconds(wanted.max(SQL_MIN_SESSION)),
             _ => wanted,
+        }
+    }
+
+    /// How many servers it runs on.
+    pub fn nodes(self) -> usize {
+        match self {
+            BackendKind::Redlock => REDLOCK_NODES,
+            _ => 1,
         }
     }
 
@@ -126,11 +139,13 @@ pub enum Scenario {
     /// Every worker's wall clock jumps +1 h mid-section, and back three leases later, while other
     /// workers hold the lock (libfaketime).
     ClockJump,
+    /// Redlock: one node is cut off from every worker (both ways) for two leases mid-section.
+    NodePartition,
 }
 
 impl Scenario {
     /// All of them.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Kill,
         Scenario::Pause,
         Scenario::Latency,
@@ -141,6 +156,7 @@ impl Scenario {
         Scenario::Restart,
         Scenario::RestartAof,
         Scenario::ClockJump,
+        Scenario::NodePartition,
     ];
 
     /// Its name.
@@ -156,6 +172,7 @@ impl Scenario {
             Scenario::Restart => "restart",
             Scenario::RestartAof => "restart-aof",
             Scenario::ClockJump => "clock-jump",
+            Scenario::NodePartition => "node-partition",
         }
     }
 
@@ -164,7 +181,8 @@ impl Scenario {
         match self {
             Scenario::Kill | Scenario::Pause | Scenario::ClockJump => true,
             // Only Redis offers a choice of persistence; etcd and ZooKeeper always sync their log.
-            Scenario::RestartAof => backend == BackendKind::Redis,
+            Scenario::RestartAof => matches!(backend, BackendKind::Redis | BackendKind::Redlock),
+            Scenario::NodePartition => backend.nodes() > 1,
             _ => backend.networked(),
         }
     }
@@ -216,8 +234,20 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
     };
     // Nothing may go wrong, and a superseded holder must learn it first.
     let safe = |why| e(Never, Never, true, why);
-    use BackendKind::{MysqlLease, MysqlSession, PostgresLease, PostgresSession};
+    use BackendKind::{MysqlLease, MysqlSession, PostgresLease, PostgresSession, Redlock};
     match (scenario, backend) {
+        (Scenario::Restart, Redlock) => e(
+            Possible,
+            Possible,
+            false,
+            "one node of three crashes and comes back empty at once, breaking the delayed-restart rule: a lock held on a bare majority that included it (the third node still held the previous grant, or answered late) is then held on one node, and another client can assemble a majority with the empty node: two holders; the new token comes from the empty node's counter, which restarts from its clock, so it is above the old holder's and fencing refuses the old holder's writes",
+        ),
+        (Scenario::NodePartition, Redlock) => safe(
+            "one node of three answers no one for two leases: grants, renewals and releases go on with the other two (each step waits at most node_timeout for the silent node)",
+        ),
+        (Scenario::Latency, Redlock) => safe(
+            "200 ms each way on all of the holder's node connections, more than node_timeout (100 ms): its renewals get no confirmations in time, so it stops at its deadline, before the nodes' keys expire",
+        ),
         (Scenario::Kill, MysqlLease) => safe(
             "the dead holder's row stays held until its expiry (the database's clock); its bell (a named lock on its connection) is freed as the connection closes, so the waiters look, find the row still held, and their timers wake them at its expiry",
         ),
@@ -336,12 +366,16 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
         (Scenario::ClockJump, _) => safe(
             "fenced measures leases with the monotonic clock, so wall-clock jumps do not matter",
         ),
+        (Scenario::NodePartition, _) => safe("not run: the backend has one server"),
     }
 }
 
 /// The shortest session TTL etcd accepts; etcd runs use it as their lease when the setup's is
 /// shorter.
 pub const ETCD_MIN_SESSION: Duration = Duration::from_secs(2);
+
+/// How many Redis servers a Redlock run uses.
+pub const REDLOCK_NODES: usize = 3;
 
 /// The shortest `session_timeout` the SQL backends accept.
 pub const SQL_MIN_SESSION: Duration = Duration::from_secs(1);
@@ -538,8 +572,10 @@ fn judge(r: &RunReport) -> Vec<String> {
 /// Everything a run starts, stopped when dropped.
 struct Running {
     children: Vec<(u32, Child)>,
-    server: Option<Server>,
-    proxies: Vec<FaultProxy>,
+    /// The servers (one, or Redlock's nodes).
+    servers: Vec<Server>,
+    /// Per worker process, one proxy per server.
+    proxies: Vec<Vec<FaultProxy>>,
 }
 
 async fn drive(
@@ -562,7 +598,7 @@ async fn drive(
         .map_err(|e| e.to_string())?;
     let mut running = Running {
         children: Vec::new(),
-        server: None,
+        servers: Vec::new(),
         proxies: Vec::new(),
     };
 
@@ -577,7 +613,7 @@ async fn drive(
         BackendKind::Sqlite => format!("sqlite://{}", dir.join("locks.db").display()),
         _ => {
             let kind = match backend {
-                BackendKind::Redis => ServerKind::Redis {
+                BackendKind::Redis | BackendKind::Redlock => ServerKind::Redis {
                     aof: scenario == Scenario::RestartAof,
                 },
                 BackendKind::Etcd => ServerKind::Etcd,
@@ -592,8 +628,17 @@ async fn drive(
                 ms(lease),
                 ms(lease) / 3
             );
-            let server = Server::start(kind, &dir.join("server")).await?;
-            let url = |addr: SocketAddr| match backend {
+            for n in 0..backend.nodes() {
+                let name = if backend.nodes() > 1 {
+                    format!("server-{n}")
+                } else {
+                    "server".to_owned()
+                };
+                running
+                    .servers
+                    .push(Server::start(kind, &dir.join(name)).await?);
+            }
+            let url_one = |addr: SocketAddr| match backend {
                 BackendKind::Redis => format!("redis://{addr}/0"),
                 // Sessions end after one lease without keep-alives, like a Redis lease.
                 BackendKind::Etcd => format!("etcd://{addr}?session_ttl={}s", lease.as_secs()),
@@ -605,15 +650,28 @@ async fn drive(
                 BackendKind::MysqlSession => format!("mysql://proof@{addr}/proof?{session}"),
                 _ => format!("zk://{addr}?session_timeout={}ms", ms(lease)),
             };
+            let url = |addrs: &[SocketAddr]| match backend {
+                BackendKind::Redlock => {
+                    let nodes: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+                    format!("redlock://{}/0", nodes.join(","))
+                }
+                _ => url_one(addrs[0]),
+            };
+            let server_addrs: Vec<SocketAddr> = running.servers.iter().map(Server::addr).collect();
             for _ in 0..processes {
-                let proxy = FaultProxy::start(server.addr())
-                    .await
-                    .map_err(|e| format!("fault proxy: {e}"))?;
-                urls.push(url(proxy.addr()));
-                running.proxies.push(proxy);
+                let mut mine = Vec::new();
+                for addr in &server_addrs {
+                    mine.push(
+                        FaultProxy::start(*addr)
+                            .await
+                            .map_err(|e| format!("fault proxy: {e}"))?,
+                    );
+                }
+                let addrs: Vec<SocketAddr> = mine.iter().map(FaultProxy::addr).collect();
+                urls.push(url(&addrs));
+                running.proxies.push(mine);
             }
-            let direct = url(server.addr());
-            running.server = Some(server);
+            let direct = url(&server_addrs);
             direct
         }
     };
@@ -704,7 +762,13 @@ async fn drive(
             };
             let pid = running.children[target_process].1.id();
             let in_process = backend == BackendKind::Memory;
-            let proxy = running.proxies.get(target_process);
+            // Every proxy of the target worker (one per server).
+            let proxies = running.proxies.get(target_process).map(Vec::as_slice);
+            let proxy = |fault: Fault| {
+                for p in proxies.expect("networked runs have proxies") {
+                    p.set(fault);
+                }
+            };
             let directive = match scenario {
                 Scenario::Kill if in_process => {
                     fault_log.push(&fault("kill"));
@@ -729,37 +793,38 @@ async fn drive(
                 }
                 Scenario::Latency => {
                     fault_log.push(&fault("latency"));
-                    proxy
-                        .expect("networked runs have proxies")
-                        .set(Fault::Latency(Duration::from_millis(200)));
+                    proxy(Fault::Latency(Duration::from_millis(200)));
                     Directive::Hold(ms(lease * 2))
                 }
                 Scenario::Partition | Scenario::OnewayUp | Scenario::OnewayDown => {
                     fault_log.push(&fault(scenario.name()));
-                    proxy
-                        .expect("networked runs have proxies")
-                        .set(match scenario {
-                            Scenario::Partition => Fault::Partition,
-                            Scenario::OnewayUp => Fault::OneWay(Direction::Up),
-                            _ => Fault::OneWay(Direction::Down),
-                        });
+                    proxy(match scenario {
+                        Scenario::Partition => Fault::Partition,
+                        Scenario::OnewayUp => Fault::OneWay(Direction::Up),
+                        _ => Fault::OneWay(Direction::Down),
+                    });
                     Directive::Hold(ms(lease * 3))
                 }
                 Scenario::Reset => {
                     fault_log.push(&fault("reset"));
-                    proxy
-                        .expect("networked runs have proxies")
-                        .set(Fault::Reset);
+                    proxy(Fault::Reset);
                     Directive::Hold(ms(lease * 2))
                 }
                 Scenario::Restart | Scenario::RestartAof => {
                     fault_log.push(&fault("restart"));
                     running
-                        .server
-                        .as_mut()
+                        .servers
+                        .first_mut()
                         .expect("networked runs have a server")
                         .restart()
                         .await?;
+                    Directive::Hold(ms(lease * 2))
+                }
+                Scenario::NodePartition => {
+                    fault_log.push(&fault("node-partition"));
+                    for mine in &running.proxies {
+                        mine[0].set(Fault::Partition);
+                    }
                     Directive::Hold(ms(lease * 2))
                 }
                 Scenario::ClockJump => {
@@ -781,12 +846,19 @@ async fn drive(
                 | Scenario::OnewayUp
                 | Scenario::OnewayDown => {
                     tokio::time::sleep(lease * 2).await;
-                    proxy.expect("networked runs have proxies").set(Fault::None);
+                    proxy(Fault::None);
                     fault_log.push(&fault("heal"));
                 }
                 Scenario::Reset => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    proxy.expect("networked runs have proxies").set(Fault::None);
+                    proxy(Fault::None);
+                    fault_log.push(&fault("heal"));
+                }
+                Scenario::NodePartition => {
+                    tokio::time::sleep(lease * 2).await;
+                    for mine in &running.proxies {
+                        mine[0].set(Fault::None);
+                    }
                     fault_log.push(&fault("heal"));
                 }
                 Scenario::ClockJump => {
