@@ -98,3 +98,12 @@ async fn mysql_session_pause_stale_write_is_refused() {
     let r = run(BackendKind::MysqlSession, Scenario::Pause).await;
     assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
 }
+
+/// Redlock with one node cut off from every client: the other two keep granting, and nobody
+/// overlaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_node_partition_keeps_granting() {
+    let r = run(BackendKind::Redlock, Scenario::NodePartition).await;
+    assert!(r.passed(), "{:?}", r.violations);
+    assert!(r.findings.grants >= 5, "{:?}", r.findings);
+}
