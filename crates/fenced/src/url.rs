@@ -15,6 +15,7 @@ use crate::options::LockOptions;
 /// | `sqlite:///path/to/locks.db` | embedded, shared by the processes of one machine | `sqlite` (default) |
 /// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
 /// | `redlock://[user:pass@]host:port,host:port,host:port[,…]`, `redlocks://…` | Redlock over 3 or more independent Redis / Valkey nodes (a majority grants) | `redlock` |
+/// | `redis+cluster://[user:pass@]host:port[,host:port…]`, `rediss+cluster://…` | a Redis / Valkey Cluster (7.0 or later; the hosts are seed nodes) | `redis-cluster` |
 /// | `zk://[user:pass@]host:port[,host:port…][/chroot]` | a ZooKeeper ensemble (session-bound locks) | `zookeeper` |
 /// | `etcd://[user:pass@]host:port[,host:port…]`, `etcds://…` | an etcd cluster (session-bound locks; TLS with `etcds`) | `etcd` |
 /// | `postgres://user:pass@host:port/db[?mode=session]` | PostgreSQL (lease rows, or advisory locks in session mode) | `postgres` |
@@ -116,6 +117,30 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
         #[cfg(not(feature = "redlock"))]
         return Err(feature_off("redlock", "redlock"));
     }
+    // So is a list of Redis Cluster seed nodes (`redis+cluster://h1:6379,h2:6379`).
+    if let Some(scheme) = raw.split_once("://").map(|(s, _)| s.to_ascii_lowercase()) {
+        if scheme == "redis+cluster" || scheme == "rediss+cluster" {
+            #[cfg(feature = "redis-cluster")]
+            return Ok(std::sync::Arc::new(
+                crate::backends::redis::RedisBackend::from_cluster_str(raw).await?,
+            ));
+            #[cfg(not(feature = "redis-cluster"))]
+            return Err(feature_off(&scheme, "redis-cluster"));
+        }
+        if scheme == "redis+sentinel" || scheme == "rediss+sentinel" {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                Operation::Connect,
+                format!(
+                    "{}: Redis Sentinel ({scheme}://) is not supported by this version of fenced; point a \
+                     redis:// URL at the current primary instead (ask a Sentinel: SENTINEL \
+                     get-master-addr-by-name <name>), and see the Redis backend docs for what a failover \
+                     means for a lock",
+                    redact(raw)
+                ),
+            ));
+        }
+    }
     // Several etcd endpoints in the authority (`etcd://a:2379,b:2379`) become a parameter.
     #[cfg(feature = "etcd")]
     let raw = &*crate::backends::etcd::fold_endpoints(raw);
@@ -170,20 +195,12 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             #[cfg(not(feature = "mysql"))]
             return Err(feature_off(&scheme, "mysql"));
         }
-        "redis+cluster" | "redis+sentinel" => Err(Error::new(
-            ErrorKind::Unsupported,
-            Operation::Connect,
-            format!(
-                "the {scheme}:// backend is not part of this version of fenced yet; supported now: memory://, \
-                 sqlite://, redis://, rediss://, redlock://, etcd://, etcds://, zk://, postgres://, mysql://"
-            ),
-        )),
         _ => Err(Error::new(
             ErrorKind::InvalidConfig,
             Operation::Connect,
             format!(
                 "unknown URL scheme {scheme:?} in {}; use memory://, sqlite:///path/to/locks.db, \
-                 redis://host:port, rediss://host:port, etcd://host:port, zk://host:port, \
+                 redis://host:port, rediss://host:port, redis+cluster://host:port,host:port, etcd://host:port, zk://host:port, \
                  postgres://user@host/db or mysql://user@host/db",
                 redact(raw)
             ),

@@ -11,6 +11,11 @@
 //! | `replica_timeout` | `1s` | how long one `WAIT` for replicas may take |
 //!
 //! Our parameters are removed before the rest of the URL is handed to the `redis` crate.
+//!
+//! `redis+cluster://[user:password@]host:port[,host:port…][?params]` and `rediss+cluster://…`
+//! (TLS) take the same parameters. The hosts are seed nodes of one Redis Cluster (any of them
+//! will do; the client learns the others from the cluster); the credentials, given once before
+//! the first host, apply to every node. A cluster has only database 0, so there is no path.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -55,6 +60,9 @@ pub(crate) struct RedisConfig {
     pub(crate) min_replicas: u32,
     /// How long to wait for them.
     pub(crate) replica_timeout: Duration,
+    /// `redis+cluster://`: one `redis://` (or `rediss://`) URL per seed node, with the
+    /// credentials. Contain the password: never print.
+    pub(crate) cluster: Option<Vec<String>>,
 }
 
 impl fmt::Debug for RedisConfig {
@@ -66,13 +74,108 @@ impl fmt::Debug for RedisConfig {
             .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
             .field("min_replicas", &self.min_replicas)
             .field("replica_timeout", &self.replica_timeout)
+            .field("cluster_seeds", &self.cluster.as_ref().map(Vec::len))
             .finish()
     }
 }
 
 impl RedisConfig {
     pub(crate) fn from_url(url: &url::Url) -> Result<Self> {
-        let redacted = redact(url.as_str());
+        RedisConfig::parse(url, redact(url.as_str()))
+    }
+
+    /// Parses a `redis+cluster://` or `rediss+cluster://` URL (a list of seed nodes, which the
+    /// `url` crate cannot parse).
+    #[cfg(feature = "redis-cluster")]
+    pub(crate) fn from_cluster_str(raw: &str) -> Result<Self> {
+        let redacted = redact(raw);
+        let example = "redis+cluster://:password@10.0.0.1:6379,10.0.0.2:6379,10.0.0.3:6379";
+        let (scheme, rest) = match raw.split_once("://") {
+            Some((s, rest)) if s.eq_ignore_ascii_case("redis+cluster") => ("redis", rest),
+            Some((s, rest)) if s.eq_ignore_ascii_case("rediss+cluster") => ("rediss", rest),
+            _ => {
+                return Err(invalid(format!(
+                    "{redacted} is not a Redis Cluster URL; write {example} (rediss+cluster:// for TLS)"
+                )));
+            }
+        };
+        if rest.contains('#') {
+            return Err(invalid(format!(
+                "{redacted} has a #fragment, which fenced does not use (certificate checks cannot be turned \
+                 off); remove it, and trust a private CA with ?tls_ca=/path/ca.pem instead"
+            )));
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        if !path.trim_matches('/').is_empty() {
+            return Err(invalid(format!(
+                "{redacted} has a path, but a Redis Cluster has only database 0; remove it, as in {example}"
+            )));
+        }
+        let (credentials, hosts) = match authority.rsplit_once('@') {
+            Some((credentials, hosts)) => (Some(credentials), hosts),
+            None => (None, authority),
+        };
+        if credentials.is_some_and(|c| c.contains(['@', ','])) {
+            return Err(invalid(format!(
+                "{redacted} gives credentials more than once or has an unencoded @ or , in them; give \
+                 user:password once, before the first host (percent-encoded), as in {example}"
+            )));
+        }
+        let mut nodes = Vec::new();
+        let mut seen = Vec::new();
+        for host in hosts.split(',') {
+            if host.is_empty() {
+                return Err(invalid(format!(
+                    "{redacted} has an empty host entry; write {example}"
+                )));
+            }
+            let node = match credentials {
+                Some(credentials) => format!("{scheme}://{credentials}@{host}"),
+                None => format!("{scheme}://{host}"),
+            };
+            let mut parsed = url::Url::parse(&node)
+                .ok()
+                .filter(|u| {
+                    u.host_str().is_some_and(|h| !h.is_empty())
+                        && u.path().trim_matches('/').is_empty()
+                })
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "the seed node {host:?} in {redacted} is not host:port; write {example}"
+                    ))
+                })?;
+            let address = (
+                parsed.host_str().unwrap_or("").to_ascii_lowercase(),
+                parsed.port().unwrap_or(DEFAULT_PORT),
+            );
+            if seen.contains(&address) {
+                return Err(invalid(format!(
+                    "{redacted} names the node {}:{} twice; name each seed node once",
+                    address.0, address.1
+                )));
+            }
+            seen.push(address);
+            if parsed.port().is_none() && parsed.set_port(Some(DEFAULT_PORT)).is_err() {
+                return Err(invalid(format!(
+                    "the seed node {host:?} in {redacted} cannot carry a port; write {example}"
+                )));
+            }
+            nodes.push(String::from(parsed));
+        }
+        // The parameters are those of the single-node URL, checked by the same code.
+        let mut first = url::Url::parse(&nodes[0]).map_err(|_| {
+            invalid(format!(
+                "{redacted} is not a valid Redis Cluster URL; write {example}"
+            ))
+        })?;
+        first.set_query(Some(query).filter(|q| !q.is_empty()));
+        let mut config = RedisConfig::parse(&first, redacted)?;
+        config.cluster = Some(nodes);
+        Ok(config)
+    }
+
+    fn parse(url: &url::Url, redacted: String) -> Result<Self> {
         let tls = server_url(
             url,
             &redacted,
@@ -173,8 +276,8 @@ impl RedisConfig {
             None => None,
             Some(_) if !tls => {
                 return Err(invalid(format!(
-                    "tls_ca applies to TLS connections only, but {redacted} is not one; use rediss:// to connect \
-                     with TLS, or remove tls_ca"
+                    "tls_ca applies to TLS connections only, but {redacted} is not one; use rediss:// (or \
+                     rediss+cluster://) to connect with TLS, or remove tls_ca"
                 )));
             }
             Some(path) => Some(crate::url::read_ca(PathBuf::from(path))?),
@@ -198,6 +301,7 @@ impl RedisConfig {
             tls_ca,
             min_replicas: min_replicas.unwrap_or(0),
             replica_timeout,
+            cluster: None,
         })
     }
 }
@@ -282,6 +386,52 @@ mod tests {
             ("redis://:hunter2@h/0?replica_timeout=0s", "out of range"),
         ] {
             let e = parse(url).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{url}");
+            let text = e.to_string();
+            assert!(text.contains(expect), "{url}: {text}");
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "redis-cluster")]
+    fn cluster_urls() {
+        let c = RedisConfig::from_cluster_str(
+            "redis+cluster://:p%40ss@10.0.0.1:7000,10.0.0.2,Node-3:7002?prefix=app&min_replicas=1",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster.as_deref().unwrap(),
+            [
+                "redis://:p%40ss@10.0.0.1:7000",
+                "redis://:p%40ss@10.0.0.2:6379",
+                "redis://:p%40ss@Node-3:7002"
+            ]
+        );
+        assert_eq!((c.prefix.as_str(), c.min_replicas), ("app", 1));
+        assert_eq!(c.password.as_deref(), Some("p@ss"));
+        assert_eq!(
+            c.redacted,
+            "redis+cluster://:***@10.0.0.1:7000,10.0.0.2,Node-3:7002?prefix=app&min_replicas=1"
+        );
+        assert!(!format!("{c:?}").contains("p%40ss"));
+        let c = RedisConfig::from_cluster_str("REDISS+CLUSTER://h:1/").unwrap();
+        assert!(c.tls);
+        assert_eq!(c.cluster.unwrap(), ["rediss://h:1"]);
+
+        for (url, expect) in [
+            ("redis+cluster://:hunter2@h:1,h:1", "twice"),
+            ("redis+cluster://:hunter2@h:1,,h:2", "empty host"),
+            ("redis+cluster://:hunter2@h:1,h:x", "not host:port"),
+            ("redis+cluster://:hunter2@h:1/0", "only database 0"),
+            ("redis+cluster://:hunter2@h:1,:other@h:2", "more than once"),
+            ("redis+cluster://:hunter2@h:1?prefx=a", "unknown parameter"),
+            ("redis+cluster://:hunter2@h:1?timeout=0s", "out of range"),
+            ("redis+cluster://:hunter2@h:1?tls_ca=/ca.pem", "rediss://"),
+            ("redis+cluster://:hunter2@h:1#x", "fragment"),
+            ("redis+clusterx://:hunter2@h:1", "not a Redis Cluster URL"),
+        ] {
+            let e = RedisConfig::from_cluster_str(url).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{url}");
             let text = e.to_string();
             assert!(text.contains(expect), "{url}: {text}");

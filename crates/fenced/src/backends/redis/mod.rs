@@ -25,8 +25,10 @@ use crate::url::ensure_crypto_provider;
 use config::RedisConfig;
 use wait::Notifier;
 
-/// The single-node Redis / Valkey backend (`redis://`, `rediss://`). Cheap to clone; clones
-/// share one command connection and one pub/sub connection.
+/// The Redis / Valkey backend: one server (`redis://`, `rediss://`) or, with the cargo feature
+/// `redis-cluster`, a Redis Cluster (`redis+cluster://`, `rediss+cluster://`). Cheap to clone;
+/// clones share one command connection and one pub/sub connection (on a cluster: one cluster
+/// connection, which also carries the sharded subscriptions).
 ///
 /// Usually built through [`connect`](crate::connect); see the [module docs](self) for the URL
 /// parameters and for what this backend does and does not guarantee.
@@ -46,9 +48,50 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     context: Arc<Context>,
     notifier: Notifier,
+}
+
+/// The command connection: one server through a connection manager, or a cluster connection,
+/// which routes each command by its key's slot and follows `MOVED` and `ASK` redirections.
+/// Everything else (scripts, key names, replies) is the same for both.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    #[cfg(feature = "redis-cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_command(cmd),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(conn) => conn.get_db(),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(conn) => conn.get_db(),
+        }
+    }
 }
 
 /// What error messages need to know about the connection.
@@ -62,6 +105,7 @@ impl fmt::Debug for RedisBackend {
             .field("url", &self.inner.context.config.redacted)
             .field("prefix", &self.inner.context.config.prefix)
             .field("timeout", &self.inner.context.config.timeout)
+            .field("cluster", &self.is_cluster())
             .field("notifier", &self.inner.notifier)
             .finish()
     }
@@ -91,7 +135,8 @@ pub struct RedisKeyNames {
 }
 
 impl RedisBackend {
-    /// Connects to the server named by `url` (`redis://…` or `rediss://…`, see the
+    /// Connects to the server named by `url` (`redis://…` or `rediss://…`; with the cargo
+    /// feature `redis-cluster` also `redis+cluster://…` or `rediss+cluster://…`; see the
     /// [module docs](self) for the parameters).
     ///
     /// Connecting is eager: an unreachable server, a TLS problem or a wrong password fails here,
@@ -109,6 +154,10 @@ impl RedisBackend {
     /// # Cancel safety
     /// Cancel safe: dropping the future closes whatever it opened; no lock is taken by connecting.
     pub async fn connect(url: &str) -> Result<RedisBackend> {
+        #[cfg(feature = "redis-cluster")]
+        if is_cluster_url(url) {
+            return RedisBackend::from_cluster_str(url).await;
+        }
         let parsed = crate::url::parse(url)?;
         RedisBackend::from_url(&parsed).await
     }
@@ -159,11 +208,81 @@ impl RedisBackend {
         let notifier = Notifier::start(pubsub, reconnect, timeout);
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                conn,
+                conn: Conn::Single(conn),
                 context,
                 notifier,
             }),
         })
+    }
+
+    /// Connects to the Redis Cluster named by `raw` (`redis+cluster://…`, `rediss+cluster://…`).
+    #[cfg(feature = "redis-cluster")]
+    pub(crate) async fn from_cluster_str(raw: &str) -> Result<RedisBackend> {
+        let config = RedisConfig::from_cluster_str(raw)?;
+        if config.tls {
+            ensure_crypto_provider();
+        }
+        let seeds = config.cluster.clone().unwrap_or_default();
+        let context = Arc::new(Context { config });
+        let timeout = context.config.timeout;
+        let (push_sender, pushes) = tokio::sync::mpsc::unbounded_channel();
+        // RESP3: the sharded subscriptions' messages arrive as pushes on the command connection.
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push_sender)
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some((_, pem)) = &context.config.tls_ca {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            });
+        }
+        let client = builder.build().map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                Operation::Connect,
+                format!(
+                    "{} cannot be used: {}; check the URL (and the tls_ca file)",
+                    context.config.redacted,
+                    context.scrub(&e.to_string())
+                ),
+            )
+        })?;
+        let conn = match tokio::time::timeout(timeout, client.get_async_connection()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(context.error(Operation::Connect, &e)),
+            Err(_) => return Err(context.timed_out(Operation::Connect)),
+        };
+        let notifier = Notifier::start_cluster(conn.clone(), pushes, timeout);
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                conn: Conn::Cluster(conn),
+                context,
+                notifier,
+            }),
+        })
+    }
+
+    /// Whether this backend talks to a Redis Cluster (`redis+cluster://`).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> fenced::Result<()> {
+    /// let backend = fenced::backends::redis::RedisBackend::connect("redis://localhost").await?;
+    /// assert!(!backend.is_cluster());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_cluster(&self) -> bool {
+        match self.inner.conn {
+            Conn::Single(_) => false,
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(_) => true,
+        }
+    }
+
+    /// `'1'` for the scripts when releases are announced with `SPUBLISH` (cluster).
+    fn sharded(&self) -> &'static str {
+        if self.is_cluster() { "1" } else { "0" }
     }
 
     /// The key prefix (the `prefix` URL parameter, default `fenced`).
@@ -198,7 +317,7 @@ impl RedisBackend {
     }
 
     /// How many release channels this backend is subscribed to right now (one per key that
-    /// has at least one waiter in this process).
+    /// has at least one waiter in this process; on a cluster these are sharded subscriptions).
     ///
     /// ```no_run
     /// # async fn demo() -> fenced::Result<()> {
@@ -248,6 +367,15 @@ fn escape(key: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// Whether `raw` is a `redis+cluster://` or `rediss+cluster://` URL (case-insensitive scheme).
+#[cfg(feature = "redis-cluster")]
+fn is_cluster_url(raw: &str) -> bool {
+    raw.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.eq_ignore_ascii_case("redis+cluster")
+            || scheme.eq_ignore_ascii_case("rediss+cluster")
+    })
 }
 
 /// Opens and checks (`PING`) a pub/sub connection within the timeout.
@@ -579,6 +707,34 @@ fn lock_pattern(backend_prefix: &str, prefix: &str) -> String {
     )
 }
 
+/// The primaries (host, port) named by a `CLUSTER SLOTS` reply, each once, in reply order:
+/// every entry is `[first slot, last slot, [host, port, id, …] of the primary, replicas…]`.
+/// `None` when the reply has another shape.
+#[cfg_attr(not(feature = "redis-cluster"), allow(dead_code))]
+fn primaries_of_slots(reply: &Value) -> Option<Vec<NodeAddr>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut primaries: Vec<NodeAddr> = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else {
+            return None;
+        };
+        let Some(Value::Array(node)) = range.get(2) else {
+            return None;
+        };
+        let host = node.first().and_then(text).filter(|h| !h.is_empty())?;
+        let port = node
+            .get(1)
+            .and_then(int)
+            .and_then(|p| u16::try_from(p).ok())?;
+        if !primaries.contains(&(host.clone(), port)) {
+            primaries.push((host, port));
+        }
+    }
+    Some(primaries)
+}
+
 /// How many keys one `SCAN` step asks the server to look at: each step is a short command,
 /// however large the database.
 const SCAN_COUNT: usize = 500;
@@ -591,7 +747,11 @@ fn lease_ms(lease: Duration) -> u64 {
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
-        "redis"
+        if self.is_cluster() {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -657,7 +817,8 @@ impl Backend for RedisBackend {
                 scripts::RELEASE
                     .key(&names.lock)
                     .arg(lock.owner.to_string())
-                    .arg(&names.channel),
+                    .arg(&names.channel)
+                    .arg(self.sharded()),
             )
             .await?;
         self.confirm(Operation::Release, reply)
@@ -673,7 +834,10 @@ impl Backend for RedisBackend {
         let reply = self
             .run(
                 Operation::Admin,
-                scripts::HOLDER.key(&names.lock).arg(&names.channel),
+                scripts::HOLDER
+                    .key(&names.lock)
+                    .arg(&names.channel)
+                    .arg(self.sharded()),
             )
             .await?;
         self.found(reply)
@@ -684,42 +848,46 @@ impl Backend for RedisBackend {
         let reply = self
             .run(
                 Operation::Admin,
-                scripts::FORCE_RELEASE.key(&names.lock).arg(&names.channel),
+                scripts::FORCE_RELEASE
+                    .key(&names.lock)
+                    .arg(&names.channel)
+                    .arg(self.sharded()),
             )
             .await?;
         self.found(reply)
     }
 
     /// `SCAN`s the database for lock hashes under the prefix (never `KEYS`, which blocks the
-    /// server), then reads each batch's holders with one pipeline of holder scripts.
+    /// server), then reads each batch's holders with one pipeline of holder scripts. On a
+    /// cluster, every primary is scanned in turn (`CLUSTER SLOTS` names them) and the holders
+    /// are read one key at a time (the keys of a batch are in different slots).
     async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
         let pattern = lock_pattern(self.prefix(), prefix);
-        let mut cursor = String::from("0");
         let mut held = Vec::new();
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(&cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let mut conn = self.inner.conn.clone();
-            let reply: Value = self
-                .timed(Operation::Admin, scan.query_async(&mut conn))
-                .await?;
-            let (next, names) = self.scan_reply(reply)?;
-            let keys: Vec<Key> = names
-                .iter()
-                .filter_map(|name| self.key_of_lock_name(name))
-                .filter(|key| key.as_str().starts_with(prefix))
-                .collect();
-            if !keys.is_empty() {
-                held.extend(self.holders(keys).await?);
+        for node in self.scan_nodes().await? {
+            let mut cursor = String::from("0");
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(&cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(SCAN_COUNT);
+                let reply = self.scan_step(node.as_ref(), scan).await?;
+                let (next, names) = self.scan_reply(reply)?;
+                let keys: Vec<Key> = names
+                    .iter()
+                    .filter_map(|name| self.key_of_lock_name(name))
+                    .filter(|key| key.as_str().starts_with(prefix))
+                    .collect();
+                if !keys.is_empty() {
+                    held.extend(self.holders(keys).await?);
+                }
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
             }
-            if next == "0" {
-                break;
-            }
-            cursor = next;
         }
         // SCAN may return a key more than once.
         held.sort_unstable_by(|a, b| a.key.cmp(&b.key));
@@ -728,7 +896,90 @@ impl Backend for RedisBackend {
     }
 }
 
+/// A cluster node to send a command to: host and port.
+type NodeAddr = (String, u16);
+
 impl RedisBackend {
+    /// The nodes `list` scans: `None` for the one server, or every primary of a cluster.
+    async fn scan_nodes(&self) -> Result<Vec<Option<NodeAddr>>> {
+        match &self.inner.conn {
+            Conn::Single(_) => Ok(vec![None]),
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(conn) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let mut conn = conn.clone();
+                let reply = self
+                    .timed(
+                        Operation::Admin,
+                        conn.route_command(
+                            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                        ),
+                    )
+                    .await?;
+                let primaries = primaries_of_slots(&reply)
+                    .ok_or_else(|| self.inner.context.unexpected(Operation::Admin, &reply))?;
+                Ok(primaries.into_iter().map(Some).collect())
+            }
+        }
+    }
+
+    /// One `SCAN` step, on the one server or on the cluster node `node`.
+    async fn scan_step(&self, node: Option<&NodeAddr>, scan: redis::Cmd) -> Result<Value> {
+        match (&self.inner.conn, node) {
+            #[cfg(feature = "redis-cluster")]
+            (Conn::Cluster(conn), Some((host, port))) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let mut conn = conn.clone();
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                self.timed(Operation::Admin, conn.route_command(scan, route))
+                    .await
+            }
+            _ => {
+                let mut conn = self.inner.conn.clone();
+                self.timed(Operation::Admin, scan.query_async(&mut conn))
+                    .await
+            }
+        }
+    }
+
+    /// `WAIT` for `wanted` replicas for at most `wait_ms`: on the one server, or on the primary
+    /// that owns the slot of `lock` (the cluster connection keeps one connection per node, the
+    /// one the grant went through).
+    async fn wait_replicas(
+        &self,
+        lock: &str,
+        wanted: u32,
+        wait_ms: u64,
+    ) -> redis::RedisResult<i64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(wait_ms);
+        match &self.inner.conn {
+            Conn::Single(conn) => {
+                let _ = lock;
+                wait.query_async::<i64>(&mut conn.clone()).await
+            }
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(conn) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(lock, SlotAddr::Master),
+                ));
+                match conn.clone().route_command(wait, route).await? {
+                    Value::Int(n) => Ok(n),
+                    other => Err(RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "WAIT did not answer with an integer",
+                        format!("{other:?}"),
+                    ))),
+                }
+            }
+        }
+    }
+
     /// The key whose lock hash is called `name`, or `None` when `name` is not such a name
     /// (written by another program under the prefix, or not UTF-8).
     fn key_of_lock_name(&self, name: &[u8]) -> Option<Key> {
@@ -763,6 +1014,16 @@ impl RedisBackend {
     /// `EVALSHA`s after it cannot miss it), then run once per key. Keys released since the
     /// `SCAN` saw them are left out.
     async fn holders(&self, keys: Vec<Key>) -> Result<Vec<HolderInfo>> {
+        if self.is_cluster() {
+            let mut held = Vec::with_capacity(keys.len());
+            for key in keys {
+                if let Some(mut info) = self.holder(&key).await? {
+                    info.key = Some(key);
+                    held.push(info);
+                }
+            }
+            return Ok(held);
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("SCRIPT")
             .arg("LOAD")
@@ -774,7 +1035,8 @@ impl RedisBackend {
                 .arg(scripts::HOLDER.get_hash())
                 .arg(1)
                 .arg(&names.lock)
-                .arg(&names.channel);
+                .arg(&names.channel)
+                .arg(self.sharded());
         }
         let mut conn = self.inner.conn.clone();
         let replies: Vec<Value> = self
@@ -824,13 +1086,10 @@ impl RedisBackend {
         }
         let wanted = config.min_replicas;
         let wait_ms = u64::try_from(config.replica_timeout.as_millis()).unwrap_or(u64::MAX);
-        let mut conn = self.inner.conn.clone();
+        let lock = self.key_names(request.key).lock;
         let acked = tokio::time::timeout(
             config.replica_timeout + config.timeout,
-            redis::cmd("WAIT")
-                .arg(wanted)
-                .arg(wait_ms)
-                .query_async::<i64>(&mut conn),
+            self.wait_replicas(&lock, wanted, wait_ms),
         )
         .await;
         let acked = match acked {
@@ -1086,6 +1345,47 @@ mod tests {
         assert_eq!(info.remaining, None);
         assert_eq!(lease_ms(Duration::from_micros(1500)), 1);
         assert_eq!(lease_ms(Duration::from_secs(30)), 30_000);
+    }
+
+    #[test]
+    fn cluster_slots_name_the_primaries() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                node("10.0.0.2", 7001),
+            ]),
+            Value::Array(vec![
+                Value::Int(10923),
+                Value::Int(10999),
+                node("10.0.0.1", 7000),
+            ]),
+        ]);
+        assert_eq!(
+            primaries_of_slots(&reply),
+            Some(vec![
+                ("10.0.0.1".to_owned(), 7000),
+                ("10.0.0.2".to_owned(), 7001)
+            ])
+        );
+        assert_eq!(primaries_of_slots(&Value::Int(1)), None);
+        assert_eq!(
+            primaries_of_slots(&Value::Array(vec![Value::Array(vec![Value::Int(0)])])),
+            None
+        );
     }
 
     #[tokio::test]

@@ -14,8 +14,8 @@
 //! `pttl` is the server's `PTTL` of the lock key in milliseconds (negative when the key has no
 //! expiry). `age` is how long ago the grant was made, in whole milliseconds of the server's
 //! clock (`TIME` now minus the `granted` field the acquire script stored, in microseconds), or
-//! nil for a lock written by a version that did not store it. `waiters` is `PUBSUB NUMSUB` of
-//! the key's release channel (clients subscribed), or nil when the Redis user may not run it;
+//! nil for a lock written by a version that did not store it. `waiters` is `PUBSUB NUMSUB` (on a
+//! cluster `PUBSUB SHARDNUMSUB`) of the key's release channel (clients subscribed), or nil when the Redis user may not run it;
 //! only the administrative scripts ask for it, so the hot paths run no extra command. Tokens
 //! come from `INCRBY` on the fence key, which has no expiry and is never deleted, so a key's
 //! tokens keep increasing across grants, releases and forced releases; each new token is also
@@ -29,8 +29,12 @@ use redis::Script;
 ///
 /// `age_ms(granted)`: milliseconds since `granted` (server microseconds), rounded down, never
 /// negative (the server's clock may have been set back); `false` (nil) when unknown.
-/// `waiters(channel)`: subscribers of `channel`, or `false` when `PUBSUB NUMSUB` is refused (an
-/// ACL user without it): the count is optional, the lock operation must not fail for it.
+/// `waiters(channel, sharded)`: subscribers of `channel`, or `false` when `PUBSUB NUMSUB` (with
+/// `sharded` = `'1'`: `PUBSUB SHARDNUMSUB`) is refused (an ACL user without it): the count is
+/// optional, the lock operation must not fail for it.
+/// `announce(channel, message, sharded)`: `PUBLISH`, or with `sharded` = `'1'` `SPUBLISH`
+/// (Redis Cluster: the message goes to the subscribers of the channel's shard only, where the
+/// waiters `SSUBSCRIBE`, instead of being broadcast to every node).
 const HOLDER_FUNCTIONS: &str = r"
 local function age_ms(granted)
     local since = tonumber(granted)
@@ -44,12 +48,23 @@ local function age_ms(granted)
     end
     return age
 end
-local function waiters(channel)
-    local reply = redis.pcall('PUBSUB', 'NUMSUB', channel)
+local function waiters(channel, sharded)
+    local numsub = 'NUMSUB'
+    if sharded == '1' then
+        numsub = 'SHARDNUMSUB'
+    end
+    local reply = redis.pcall('PUBSUB', numsub, channel)
     if type(reply) == 'table' and type(reply[2]) == 'number' then
         return reply[2]
     end
     return false
+end
+local function announce(channel, message, sharded)
+    if sharded == '1' then
+        redis.call('SPUBLISH', channel, message)
+    else
+        redis.call('PUBLISH', channel, message)
+    end
 end
 ";
 
@@ -124,7 +139,8 @@ return {2, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4
 ";
 pub(crate) static EXTEND: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(EXTEND_LUA));
 
-/// `KEYS[1]` lock hash; `ARGV[1]` owner, `ARGV[2]` release channel.
+/// `KEYS[1]` lock hash; `ARGV[1]` owner, `ARGV[2]` release channel, `ARGV[3]` `'1'` to announce
+/// with `SPUBLISH` (cluster), else `PUBLISH`.
 const RELEASE_LUA: &str = r"
 local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
@@ -132,24 +148,26 @@ if not lock[1] then
 end
 if lock[1] == ARGV[1] then
     redis.call('DEL', KEYS[1])
-    redis.call('PUBLISH', ARGV[2], lock[2] or '')
+    announce(ARGV[2], lock[2] or '', ARGV[3])
     return {1}
 end
 return {2, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4])}
 ";
 pub(crate) static RELEASE: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(RELEASE_LUA));
 
-/// `KEYS[1]` lock hash; `ARGV[1]` release channel. Read-only; also used, pipelined, by `list`.
+/// `KEYS[1]` lock hash; `ARGV[1]` release channel, `ARGV[2]` `'1'` when the waiters subscribe
+/// sharded (cluster). Read-only; also used by `list`.
 const HOLDER_LUA: &str = r"
 local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
     return {0}
 end
-return {1, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4]), waiters(ARGV[1])}
+return {1, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4]), waiters(ARGV[1], ARGV[2])}
 ";
 pub(crate) static HOLDER: LazyLock<Lua> = LazyLock::new(|| Lua::with_functions(HOLDER_LUA));
 
-/// `KEYS[1]` lock hash; `ARGV[1]` release channel. Keeps the fence counter. `TIME` and
+/// `KEYS[1]` lock hash; `ARGV[1]` release channel, `ARGV[2]` `'1'` for sharded pub/sub
+/// (cluster). Keeps the fence counter. `TIME` and
 /// `PUBSUB` come before the writes, so commands are replicated as effects (see [`ACQUIRE`]).
 const FORCE_RELEASE_LUA: &str = r"
 local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
@@ -161,9 +179,9 @@ if redis.replicate_commands then
 end
 local pttl = redis.call('PTTL', KEYS[1])
 local age = age_ms(lock[4])
-local waiting = waiters(ARGV[1])
+local waiting = waiters(ARGV[1], ARGV[2])
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[1], lock[2] or '')
+announce(ARGV[1], lock[2] or '', ARGV[2])
 return {1, lock[1], lock[2], lock[3], pttl, age, waiting}
 ";
 pub(crate) static FORCE_RELEASE: LazyLock<Lua> =

@@ -12,6 +12,18 @@
 //! missed, so every waiter re-checks. A half-open connection is found by a `PING` every
 //! [`PING_EVERY`] while anything is watched.
 //!
+//! On a Redis Cluster ([`Notifier::start_cluster`]) the release scripts announce with `SPUBLISH`
+//! and the task `SSUBSCRIBE`s each watched channel through the cluster connection (RESP3 push),
+//! which routes it to the primary that owns the channel's slot, the lock's slot (one hash tag):
+//! a release reaches only the waiters of that shard instead of being broadcast to every node.
+//! The client library re-subscribes after a reconnect or a slot move; on top of that, when it
+//! reports a lost connection (a `Disconnection` push) the task subscribes every watched channel
+//! again itself and, once confirmed, wakes every waiter (releases may have been missed in
+//! between), and when a node drops a subscription (`sunsubscribe` after its slot moved) the task
+//! subscribes that channel again (the cluster routes it to the new owner) and wakes its waiters.
+//! A re-subscription that the library made on its own (an `ssubscribe` confirmation for a
+//! channel already subscribed) wakes that channel's waiters too.
+//!
 //! If a subscription cannot be confirmed within the command timeout (server unreachable,
 //! or the Redis user may not subscribe), the watch still works in a degraded way: it also wakes
 //! after a backoff (10 ms doubling to 1 s), so waiters keep re-checking instead of failing.
@@ -83,6 +95,9 @@ struct State {
     problem: Option<String>,
     /// Whether a degraded watch was already reported since the last confirmed subscription.
     warned: bool,
+    /// Cluster: channels whose subscription was lost; their waiters are woken once it is back.
+    #[cfg(feature = "redis-cluster")]
+    rebump: HashSet<Arc<str>>,
 }
 
 struct Channel {
@@ -171,6 +186,23 @@ impl Notifier {
             }
         }
         watch
+    }
+
+    /// Starts the task of a Redis Cluster backend: sharded subscriptions (`SSUBSCRIBE`) through
+    /// `conn`, whose push messages arrive on `pushes`.
+    #[cfg(feature = "redis-cluster")]
+    pub(crate) fn start_cluster(
+        conn: redis::cluster_async::ClusterConnection,
+        pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+        timeout: Duration,
+    ) -> Notifier {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            timeout,
+        });
+        let task = tokio::spawn(cluster::run(shared.clone(), conn, pushes));
+        Notifier { shared, task }
     }
 
     /// How many channels are subscribed on the current connection (for diagnostics and tests).
@@ -276,11 +308,16 @@ const STABLE: Duration = Duration::from_secs(30);
 
 /// Sleeps before reconnect attempt number `failures` (jittered exponential backoff).
 async fn backoff(failures: &mut u32) {
+    tokio::time::sleep(backoff_delay(failures)).await;
+}
+
+/// The jittered delay before attempt number `failures`, which it counts.
+fn backoff_delay(failures: &mut u32) -> Duration {
     let delay = RECONNECT_MIN
         .saturating_mul(1 << (*failures).min(10))
         .min(RECONNECT_MAX);
     *failures += 1;
-    tokio::time::sleep(delay / 2 + crate::options::jitter(delay / 2)).await;
+    delay / 2 + crate::options::jitter(delay / 2)
 }
 
 /// Serves one connection until it fails; returns why.
@@ -302,9 +339,7 @@ async fn session(
             // Resubscribed: anything published while disconnected was missed, so wake everyone.
             bump_all = false;
             let state = shared.state();
-            for entry in state.channels.values() {
-                entry.bumps.send_modify(|n| *n = n.wrapping_add(1));
-            }
+            state.channels.values().for_each(bump);
         }
         tokio::select! {
             _ = shared.wake.notified() => {}
@@ -312,7 +347,7 @@ async fn session(
                 Some(message) => {
                     let state = shared.state();
                     if let Some(entry) = state.channels.get(message.get_channel_name()) {
-                        entry.bumps.send_modify(|n| *n = n.wrapping_add(1));
+                        bump(entry);
                     }
                 }
                 None => return "the server closed the pub/sub connection".to_owned(),
@@ -337,30 +372,56 @@ async fn next_message(stream: &mut PubSubStream) -> Option<redis::Msg> {
     std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
 }
 
+/// The channels to subscribe (watched, not subscribed) and to unsubscribe (subscribed, no longer
+/// watched; forgotten at once).
+fn plan(shared: &Shared) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    let mut state = shared.state();
+    let state = &mut *state;
+    let unsubscribe: Vec<Arc<str>> = state
+        .subscribed
+        .iter()
+        .filter(|c| !state.channels.contains_key(*c))
+        .cloned()
+        .collect();
+    // Forget them before the command is sent: a new watch of such a channel must wait for
+    // the next SUBSCRIBE rather than trust one that is being undone.
+    for channel in &unsubscribe {
+        state.subscribed.remove(channel);
+    }
+    let subscribe: Vec<Arc<str>> = state
+        .channels
+        .keys()
+        .filter(|c| !state.subscribed.contains(*c))
+        .cloned()
+        .collect();
+    (subscribe, unsubscribe)
+}
+
+/// Records subscriptions the server confirmed and tells the watches waiting for them.
+fn confirmed(shared: &Shared, subscribe: Vec<Arc<str>>) {
+    let mut state = shared.state();
+    let state = &mut *state;
+    if !subscribe.is_empty() {
+        state.warned = false;
+    }
+    state.subscribed.extend(subscribe);
+    for (name, entry) in &mut state.channels {
+        if !entry.waiters.is_empty() && state.subscribed.contains(name) {
+            for waiter in entry.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+/// Wakes every watch of a channel.
+fn bump(entry: &Channel) {
+    entry.bumps.send_modify(|n| *n = n.wrapping_add(1));
+}
+
 /// Unsubscribes channels nobody watches, subscribes new ones, and tells waiting watches.
 async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> std::result::Result<(), String> {
-    let (subscribe, unsubscribe) = {
-        let mut state = shared.state();
-        let state = &mut *state;
-        let unsubscribe: Vec<Arc<str>> = state
-            .subscribed
-            .iter()
-            .filter(|c| !state.channels.contains_key(*c))
-            .cloned()
-            .collect();
-        // Forget them before the command is sent: a new watch of such a channel must wait for
-        // the next SUBSCRIBE rather than trust one that is being undone.
-        for channel in &unsubscribe {
-            state.subscribed.remove(channel);
-        }
-        let subscribe: Vec<Arc<str>> = state
-            .channels
-            .keys()
-            .filter(|c| !state.subscribed.contains(*c))
-            .cloned()
-            .collect();
-        (subscribe, unsubscribe)
-    };
+    let (subscribe, unsubscribe) = plan(shared);
     if !unsubscribe.is_empty() {
         let names: Vec<&str> = unsubscribe.iter().map(|c| &**c).collect();
         match tokio::time::timeout(shared.timeout, sink.unsubscribe(&names)).await {
@@ -391,18 +452,152 @@ async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> std::result::Resul
             }
         }
     }
-    let mut state = shared.state();
-    let state = &mut *state;
-    if !subscribe.is_empty() {
-        state.warned = false;
-    }
-    state.subscribed.extend(subscribe);
-    for (name, entry) in &mut state.channels {
-        if !entry.waiters.is_empty() && state.subscribed.contains(name) {
-            for waiter in entry.waiters.drain(..) {
-                let _ = waiter.send(());
+    confirmed(shared, subscribe);
+    Ok(())
+}
+
+/// The task of a Redis Cluster backend (see the module docs).
+#[cfg(feature = "redis-cluster")]
+mod cluster {
+    use std::sync::Arc;
+
+    use redis::cluster_async::ClusterConnection;
+    use redis::{PushInfo, PushKind, Value};
+    use tokio::sync::mpsc::UnboundedReceiver;
+    use tracing::debug;
+
+    use super::{Shared, backoff_delay, bump, confirmed, plan};
+
+    pub(super) async fn run(
+        shared: Arc<Shared>,
+        mut conn: ClusterConnection,
+        mut pushes: UnboundedReceiver<PushInfo>,
+    ) {
+        let mut failures: u32 = 0;
+        loop {
+            let wait = match reconcile(&shared, &mut conn).await {
+                Ok(()) => {
+                    failures = 0;
+                    None
+                }
+                Err(problem) => {
+                    debug!(%problem, "fenced: redis cluster subscription failed; retrying");
+                    shared.state().problem = Some(problem);
+                    Some(tokio::time::sleep(backoff_delay(&mut failures)))
+                }
+            };
+            // Pushes keep flowing while a failed subscription waits for its retry.
+            let retry = async {
+                match wait {
+                    Some(sleep) => sleep.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(retry);
+            loop {
+                tokio::select! {
+                    _ = &mut retry => break,
+                    _ = shared.wake.notified() => break,
+                    push = pushes.recv() => match push {
+                        Some(push) => on_push(&shared, push),
+                        // The cluster connection is gone (the backend was dropped).
+                        None => return,
+                    },
+                }
             }
         }
     }
-    Ok(())
+
+    /// `SUNSUBSCRIBE`s channels nobody watches and `SSUBSCRIBE`s new ones, one command per
+    /// channel (each is routed to its own slot's primary), then wakes the watches of channels
+    /// whose lost subscription is back.
+    async fn reconcile(
+        shared: &Shared,
+        conn: &mut ClusterConnection,
+    ) -> std::result::Result<(), String> {
+        let (subscribe, unsubscribe) = plan(shared);
+        let timeout = shared.timeout;
+        for channel in &unsubscribe {
+            // A subscription left behind costs only messages that nobody waits for.
+            match tokio::time::timeout(timeout, conn.sunsubscribe(&**channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%channel, error = %e, "fenced: SUNSUBSCRIBE failed"),
+                Err(_) => debug!(%channel, "fenced: SUNSUBSCRIBE got no reply in time"),
+            }
+        }
+        let mut done = Vec::with_capacity(subscribe.len());
+        let mut problem = None;
+        for channel in subscribe {
+            match tokio::time::timeout(timeout, conn.ssubscribe(&*channel)).await {
+                Ok(Ok(())) => done.push(channel),
+                Ok(Err(e)) => problem = Some(format!("SSUBSCRIBE {channel} failed: {e}")),
+                Err(_) => {
+                    problem = Some(format!(
+                        "SSUBSCRIBE {channel} got no reply within {timeout:?}"
+                    ));
+                }
+            }
+        }
+        confirmed(shared, done);
+        let mut state = shared.state();
+        let state = &mut *state;
+        let back: Vec<Arc<str>> = state
+            .rebump
+            .iter()
+            .filter(|c| state.subscribed.contains(*c) || !state.channels.contains_key(*c))
+            .cloned()
+            .collect();
+        for channel in back {
+            state.rebump.remove(&channel);
+            if let Some(entry) = state.channels.get(&channel) {
+                bump(entry);
+            }
+        }
+        problem.map_or(Ok(()), Err)
+    }
+
+    /// One push message of the cluster connection.
+    fn on_push(shared: &Shared, push: PushInfo) {
+        let channel = match push.data.first() {
+            Some(Value::BulkString(bytes)) => std::str::from_utf8(bytes).ok(),
+            Some(Value::SimpleString(text)) => Some(text.as_str()),
+            _ => None,
+        };
+        let mut state = shared.state();
+        let state = &mut *state;
+        match (push.kind, channel) {
+            (PushKind::SMessage, Some(channel)) => {
+                if let Some(entry) = state.channels.get(channel) {
+                    bump(entry);
+                }
+            }
+            // The library subscribed again on its own (a reconnect, a slot move): releases may
+            // have been missed meanwhile.
+            (PushKind::SSubscribe, Some(channel)) if state.subscribed.contains(channel) => {
+                if let Some(entry) = state.channels.get(channel) {
+                    bump(entry);
+                }
+            }
+            // A node dropped a subscription (its slot moved away): subscribe again, through the
+            // cluster, which routes it to the slot's new owner; wake the waiters once it is back.
+            (PushKind::SUnsubscribe, Some(channel)) if state.channels.contains_key(channel) => {
+                if let Some(channel) = state.subscribed.take(channel) {
+                    state.rebump.insert(channel);
+                    shared.wake.notify_one();
+                }
+            }
+            // A node connection was lost: wake every waiter now, subscribe every channel again
+            // (the library would too, once it reconnects; doing it here does not depend on when),
+            // and wake them again once that is confirmed.
+            (PushKind::Disconnection, _) => {
+                state.subscribed.clear();
+                for (name, entry) in &state.channels {
+                    bump(entry);
+                    state.rebump.insert(name.clone());
+                }
+                shared.wake.notify_one();
+            }
+            _ => {}
+        }
+    }
 }
