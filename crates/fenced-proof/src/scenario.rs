@@ -671,8 +671,7 @@ async fn drive(
                 urls.push(url(&addrs));
                 running.proxies.push(mine);
             }
-            let direct = url(&server_addrs);
-            direct
+            url(&server_addrs)
         }
     };
     if urls.is_empty() {

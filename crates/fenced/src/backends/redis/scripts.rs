@@ -195,6 +195,7 @@ pub(crate) static FORCE_RELEASE: LazyLock<Lua> =
 /// restarted empty) starts at the server's time in microseconds, which is above every token
 /// handed out before as long as the node's clock is not behind the clock that started the
 /// key's counter on another node.
+#[cfg(feature = "redlock")]
 const REDLOCK_ACQUIRE_LUA: &str = r"
 local lock = redis.call('HMGET', KEYS[1], 'owner', 'token', 'label', 'granted')
 if not lock[1] then
@@ -216,6 +217,7 @@ if lock[1] == ARGV[1] then
 end
 return {0, lock[1], lock[2], lock[3], redis.call('PTTL', KEYS[1]), age_ms(lock[4])}
 ";
+#[cfg(feature = "redlock")]
 pub(crate) static REDLOCK_ACQUIRE: LazyLock<Lua> =
     LazyLock::new(|| Lua::with_functions(REDLOCK_ACQUIRE_LUA));
 
@@ -223,6 +225,7 @@ pub(crate) static REDLOCK_ACQUIRE: LazyLock<Lua> =
 /// majority. `KEYS[1]` lock hash, `KEYS[2]` fence counter; `ARGV[1]` owner, `ARGV[2]` token.
 /// Only while `ARGV[1]` still holds the lock on this node: `{1}` raised (the counter is then at
 /// least the token), `{0}` not held by that owner.
+#[cfg(feature = "redlock")]
 const REDLOCK_RAISE_LUA: &str = r"
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if owner ~= ARGV[1] then
@@ -236,5 +239,6 @@ if counter < token then
 end
 return {1}
 ";
+#[cfg(feature = "redlock")]
 pub(crate) static REDLOCK_RAISE: LazyLock<Lua> =
     LazyLock::new(|| Lua::with_functions(REDLOCK_RAISE_LUA));
