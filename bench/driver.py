@@ -2,9 +2,10 @@
 """Runs every benchmark of fenced in one go and writes BENCHMARKS.md (stdlib only).
 
 Started by scripts/bench, which builds fenced-bench, installs the peers and starts a dedicated
-Redis server. Every implementation is a command that follows bench/PROTOCOL.md: fenced and the
-raw floors (`fenced-bench --impl fenced|floor`) on memory, SQLite and Redis, and the peer libraries
-in bench/peers/bin/ on the same Redis server, in the same modes.
+Redis server (and 5 more as independent Redlock nodes). Every implementation is a command that
+follows bench/PROTOCOL.md: fenced and the raw floors (`fenced-bench --impl fenced|floor`) on
+memory, SQLite and Redis, and the peer libraries in bench/peers/bin/ on the same Redis server, in
+the same modes; fenced and the Redlock peers on 3 and on 5 Redlock nodes (no floor there).
 
 Redis commands per acquisition come from `INFO commandstats` snapshots taken inside the measured
 window (the driver's own INFO calls are left out). They count every command the server ran,
@@ -28,18 +29,33 @@ import time
 # The settings of a run that the report shows, saved with its results.
 RENDER_SETTINGS = ["quick", "warmup", "duration", "lease_ms", "hold_ms", "memory_lease_ms", "rb_requests",
                    "pin_cpu", "sqlite_dir", "run_dir"]
+# Redlock backends: the number of independent Redis nodes each runs on (the first of
+# --redlock-ports). No floor runs on them.
+REDLOCK_NODES = {"redlock-3": 3, "redlock-5": 5}
+# The peers that run Redlock over a list of nodes (bench/PROTOCOL.md, redlock:// URLs).
+REDLOCK_PEERS = ["pottery-redlock", "node-redlock", "rslock"]
 # Peer libraries per backend (each a command in bench/peers/bin following bench/PROTOCOL.md).
 PEERS_BY_BACKEND = {
     "redis": ["redis-py-lock", "python-redis-lock", "pottery-redlock", "node-redlock", "rslock"],
     "etcd": ["etcdctl-lock"],
     "zookeeper": ["kazoo-lock"],
+    **{b: REDLOCK_PEERS for b in REDLOCK_NODES},
 }
-PEERS = [p for ps in PEERS_BY_BACKEND.values() for p in ps]
+PEERS = list(dict.fromkeys(p for ps in PEERS_BY_BACKEND.values() for p in ps))
 ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper", "postgres-lease", "postgres-session",
-                "mysql-lease", "mysql-session"]
-# The backends of this run (etcd, ZooKeeper, PostgreSQL and MySQL only when scripts/bench started
-# their servers).
+                "mysql-lease", "mysql-session"] + list(REDLOCK_NODES)
+# The backends of this run (etcd, ZooKeeper, PostgreSQL, MySQL and Redlock only when scripts/bench
+# started their servers).
 BACKENDS = list(ALL_BACKENDS)
+# Runs on the Redlock backends: throughput tasks and hand-off layouts (processes, tasks), in the
+# full and the quick run.
+REDLOCK_THROUGHPUT_TASKS = [1, 16]
+REDLOCK_HANDOFF_LAYOUTS = [(2, 8)]
+
+
+def base_impls(backend):
+    """fenced, and the floor where there is one (not on Redlock)."""
+    return ["fenced"] if backend in REDLOCK_NODES else ["fenced", "floor"]
 
 
 def log(msg):
@@ -108,6 +124,7 @@ class Runner:
         self.n = 0
         self.commands = []  # every command line run, for the report
         self.redis = Redis("127.0.0.1", args.redis_port) if args.redis_port else None
+        self.redlock = [Redis("127.0.0.1", p) for p in args.redlock_ports]
 
     def shown(self, argv):
         text = " ".join(shlex.quote(a) for a in argv)
@@ -147,10 +164,10 @@ class Runner:
         url = self.url(backend, impl, prefix)
         res = {"impl": impl, "backend": backend, "mode": mode, "procs": procs, "tasks": tasks,
                "ok": False}
-        if backend == "redis":
-            self.redis.cmd("FLUSHDB")
+        self.flush(backend)
         started = []
-        pinned = mode == "latency" and self.pin(True)
+        # Redlock runs are not pinned: N servers on one core would answer the fan-out one by one.
+        pinned = mode == "latency" and backend not in REDLOCK_NODES and self.pin(True)
         for i in range(procs):
             argv = self.argv(impl, url, mode, tasks, prefix)
             if pinned:
@@ -191,6 +208,14 @@ class Runner:
                       spawn_first + int((warmup + duration) * 1e9))
             files = [p["argv"][p["argv"].index("--events") + 1] for p in started]
             res.update(handoff_stats(files, window))
+            granted = sum(o.get("ops", 0) for o in outs)
+            if not res["grants"] and granted:
+                # The processes' own windows (counted from their start) and the driver's (from the
+                # spawn) did not overlap: start-up took about as long as warm-up + measurement.
+                res.update(ok=False, error=f"the processes reported {granted} grants, none inside the "
+                                           "driver's window, which counts from the spawn (their start-up "
+                                           "took about as long as warm-up + measurement)")
+                return res
             res["ops_per_s"] = res.get("grants_per_s")
             if snaps and res.get("grant_times"):
                 t_a, t_b, calls = snaps
@@ -209,6 +234,13 @@ class Runner:
                 res["cmds"] = {k: v / seconds / res["ops_per_s"] for k, v in calls.items()}
         res.pop("grant_times", None)
         return res
+
+    def flush(self, backend):
+        """Empties the Redis server, or the Redlock nodes, `backend` runs on."""
+        if backend == "redis":
+            self.redis.cmd("FLUSHDB")
+        for node in self.redlock[:REDLOCK_NODES.get(backend, 0)]:
+            node.cmd("FLUSHDB")
 
     def pin(self, on):
         """Latency runs: the Redis server on CPU 0 (the client is started on it too). On a VM,
@@ -241,6 +273,9 @@ class Runner:
             return self.args.mysql_url
         if backend == "mysql-session":
             return self.args.mysql_url + "?mode=session"
+        if backend in REDLOCK_NODES:
+            ports = self.args.redlock_ports[:REDLOCK_NODES[backend]]
+            return "redlock://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/0"
         return f"redis://127.0.0.1:{self.args.redis_port}/0"
 
     def argv(self, impl, url, mode, tasks, prefix):
@@ -256,15 +291,13 @@ class Runner:
         a = self.args
         prefix = f"m{int(time.time() * 1000) % 10**9}{self.n}"
         url = self.url(backend, "fenced", prefix)
-        if backend == "redis":
-            self.redis.cmd("FLUSHDB")
+        self.flush(backend)
         argv = [a.bench_bin, "--impl", "fenced", "--url", url, "--mode", "memory",
                 "--count", str(count), "--lease-ms", str(a.memory_lease_ms),
                 "--duration", str(a.memory_limit), "--prefix", prefix]
         proc = self.start(argv, f"memory-{backend}-{count}")
         out, err = self.finish(proc, 2 * a.memory_limit + a.memory_lease_ms / 1000 + 30)
-        if backend == "redis":
-            self.redis.cmd("FLUSHDB")
+        self.flush(backend)
         if err:
             return {"backend": backend, "count": count, "ok": False, "error": err}
         out.update(ok=True, backend=backend, count=count)
@@ -574,7 +607,7 @@ class Report:
         return None
 
     def impls(self, backend):
-        names = ["fenced", "floor"]
+        names = base_impls(backend)
         names += [p for p in PEERS_BY_BACKEND.get(backend, []) if self.peers_status.get(p) == "installed"]
         return names
 
@@ -616,6 +649,8 @@ class Report:
           + (", one PostgreSQL server (fsync off, the test suite's)" if "postgres-lease" in BACKENDS else "")
           + (", one MariaDB server (the test suite's: InnoDB log flushed once a second, not at each commit)"
              if "mysql-lease" in BACKENDS else "")
+          + (f", {max(REDLOCK_NODES[b] for b in BACKENDS if b in REDLOCK_NODES)} more Redis servers "
+             "(the same settings) as independent Redlock nodes" if any(b in REDLOCK_NODES for b in BACKENDS) else "")
           + ". The benchmark processes and the servers share the same cores, so client CPU cost "
           "shows up as lower throughput.\n")
         w("- **fenced**: `fenced-bench --impl fenced`: the library as applications use it, one "
@@ -643,7 +678,9 @@ class Report:
         w("")
 
         for backend in BACKENDS:
-            self.backend_section(w, backend)
+            if backend not in REDLOCK_NODES:
+                self.backend_section(w, backend)
+        self.redlock_section(w)
 
         self.commands_section(w)
         self.rb_section(w)
@@ -670,13 +707,16 @@ class Report:
                  "postgres-lease": "PostgreSQL, lease mode (postgres://, one server)",
                  "postgres-session": "PostgreSQL, session mode (postgres://…?mode=session, one server)",
                  "mysql-lease": "MySQL (MariaDB), lease mode (mysql://, one server)",
-                 "mysql-session": "MySQL (MariaDB), session mode (mysql://…?mode=session, one server)"}[backend]
+                 "mysql-session": "MySQL (MariaDB), session mode (mysql://…?mode=session, one server)",
+                 "redlock-3": "Redlock over 3 nodes (redlock://, 3 independent Redis servers)",
+                 "redlock-5": "Redlock over 5 nodes (redlock://, 5 independent Redis servers)"}[backend]
         w(f"## {title}\n")
         tps = sorted({r["tasks"] for r in self.results if r["backend"] == backend and r["mode"] == "throughput"})
         impls = self.impls(backend)
         # Latency and throughput.
-        w("*Latency*: one task, one key (pinned to one core where noted above). *N tasks*: "
-          "throughput runs, each task over its own 16 keys, not pinned.\n")
+        w("*Latency*: one task, one key (" + ("not pinned" if backend in REDLOCK_NODES else
+                                              "pinned to one core where noted above") +
+          "). *N tasks*: throughput runs, each task over its own 16 keys, not pinned.\n")
         head = "| implementation | latency p50 | latency p99 | latency ops/s |" + "".join(
             f" {tasks_label(t)} ops/s | {tasks_label(t)} p99 |" for t in tps)
         if backend == "redis":
@@ -721,18 +761,23 @@ class Report:
                           if r["backend"] == backend and r["mode"] == "handoff"}, key=lambda pt: pt[0] * pt[1])
         if not layouts:
             return
-        w(f"**Hand-off** (processes × tasks on one key, each holding it {self.a.hold_ms} ms): hand-off "
-          "latency is each grant minus the latest release before it, over all processes' events. "
-          "*Cross-process* counts only grants whose previous holder was another process: the wake-up "
-          "path through the store, without a task of the releasing process taking the lock again at "
-          "once. *Grant share* is the smallest and largest share of the grants one process got.\n")
-        w("With several tasks in one process, an implementation without a local FIFO queue (the "
-          "floors, most peers) often gives the lock straight back to the task that just released it; "
-          "its hand-off p50 then measures a re-acquire, not a waiter waking up, and the grant share "
-          "shows whether other processes starve. fenced queues local waiters FIFO, so its hand-offs "
-          "always go to another task. Compare the cross-process columns and grants/s. Grants/s is "
-          "bounded by the hold (1 ms: at most about 1000/s); a command whose hold sleeps on Tokio's "
-          "millisecond timer (`tokio::time::sleep`) holds close to 2 ms and shows about half.\n")
+        if backend in REDLOCK_NODES:
+            w("**Hand-off**: the same columns as on Redis above. A Redlock contender that gets fewer "
+              "than a majority of the nodes gives back the ones it got and retries, so contenders can "
+              "split the vote and all wait again.\n")
+        else:
+            w(f"**Hand-off** (processes × tasks on one key, each holding it {self.a.hold_ms} ms): hand-off "
+              "latency is each grant minus the latest release before it, over all processes' events. "
+              "*Cross-process* counts only grants whose previous holder was another process: the wake-up "
+              "path through the store, without a task of the releasing process taking the lock again at "
+              "once. *Grant share* is the smallest and largest share of the grants one process got.\n")
+            w("With several tasks in one process, an implementation without a local FIFO queue (the "
+              "floors, most peers) often gives the lock straight back to the task that just released it; "
+              "its hand-off p50 then measures a re-acquire, not a waiter waking up, and the grant share "
+              "shows whether other processes starve. fenced queues local waiters FIFO, so its hand-offs "
+              "always go to another task. Compare the cross-process columns and grants/s. Grants/s is "
+              "bounded by the hold (1 ms: at most about 1000/s); a command whose hold sleeps on Tokio's "
+              "millisecond timer (`tokio::time::sleep`) holds close to 2 ms and shows about half.\n")
         if backend == "memory":
             w("The memory store lives inside one process, so all its waiters are tasks of one process "
               "and there are no cross-process hand-offs.\n")
@@ -775,6 +820,42 @@ class Report:
                     self.judge(where, "cross-process hand-off p50", f_r["cross_p50"], o, o_r["cross_p50"], True, us)
                 elif pt == (1, 1) and f_r and o_r:
                     self.judge(where, "release-to-grant p50", f_r["ho_p50"], o, o_r["ho_p50"], True, us)
+
+    def redlock_section(self, w):
+        """fenced on 3 and 5 Redlock nodes against its single-node Redis backend, then each
+        Redlock backend's own section (fenced against the Redlock peers)."""
+        backends = [b for b in BACKENDS if b in REDLOCK_NODES]
+        if not backends:
+            return
+        w("## Redlock: fenced on several nodes against one node\n")
+        w("fenced's Redlock backend (`redlock://127.0.0.1:P1,…/0`, URL defaults: `node_timeout` 100 ms) "
+          "on 3 and on 5 independent Redis servers, against fenced's single-node Redis backend above. "
+          "The goal: a grant costs about the slowest node's round trip, not the sum of them, so the "
+          "ratios should stay near 1×, well below the node count. All nodes share this machine's "
+          f"{os.cpu_count()} cores with the client, so their answers partly queue for a CPU; on separate "
+          "machines the fan-out overlaps fully. Redlock latency runs are **not pinned** (N servers on "
+          "one core would answer one after the other), the single-node latency run is (see above); "
+          "the *1 task* row compares two unpinned runs (the single-node one only in a full run).\n")
+        rows = [("latency p50", "latency", {}, "p50", us),
+                ("latency p99", "latency", {}, "p99", us),
+                ("1 task p50 (throughput run, 16 keys)", "throughput", {"tasks": 1}, "p50", us),
+                ("16 tasks ops/s", "throughput", {"tasks": 16}, "ops_per_s", rate)]
+        rows += [(f"hand-off {p}×{t} {label}", "handoff", {"procs": p, "tasks": t}, key, fmt)
+                 for p, t in REDLOCK_HANDOFF_LAYOUTS
+                 for label, key, fmt in (("grants/s", "grants_per_s", rate), ("cross-process p50", "cross_p50", us))]
+        names = [f"Redlock, {REDLOCK_NODES[b]} nodes" for b in backends]
+        head = "| fenced | Redis, 1 node | " + " | ".join(names) + " | " + " | ".join(
+            f"{REDLOCK_NODES[b]} nodes ÷ 1 node" for b in backends) + " |"
+        w(head)
+        w("|" + "---|" * (head.count("|") - 1))
+        for label, mode, where, key, fmt in rows:
+            one = self.find("fenced", "redis", mode, **where)
+            many = [self.find("fenced", b, mode, **where) for b in backends]
+            w(f"| {label} | {fmt(one and one[key])} | " + " | ".join(fmt(r and r[key]) for r in many) + " | "
+              + " | ".join(ratio(div(r and r[key], one and one[key])) for r in many) + " |")
+        w("")
+        for backend in backends:
+            self.backend_section(w, backend)
 
     def commands_section(self, w):
         rows = [r for r in self.results if r["backend"] == "redis" and r["ok"] and r.get("cmds")]
@@ -937,13 +1018,18 @@ def main():
     ap.add_argument("--pg-url", default="",
                     help="postgres://user:pw@host:port/db of a PostgreSQL server for this run, without parameters "
                          "(no PostgreSQL rows without it); both modes run on it")
+    ap.add_argument("--redlock-ports", default="",
+                    help="P1,P2,P3,P4,P5: independent Redis servers on 127.0.0.1 without password for the "
+                         "Redlock runs (redlock-3 on the first 3, redlock-5 on all 5; none without it)")
     ap.add_argument("--mysql-url", default="",
                     help="mysql://user:pw@host:port/db of a MySQL or MariaDB server for this run, without "
                          "parameters (no MySQL rows without it); both modes run on it")
     args = ap.parse_args()
+    args.redlock_ports = [int(p) for p in args.redlock_ports.split(",") if p.strip()]
     BACKENDS[:] = [b for b in ALL_BACKENDS if (b != "etcd" or args.etcd_url) and (b != "zookeeper" or args.zk_url)
                    and (not b.startswith("postgres") or args.pg_url)
-                   and (not b.startswith("mysql") or args.mysql_url)]
+                   and (not b.startswith("mysql") or args.mysql_url)
+                   and len(args.redlock_ports) >= REDLOCK_NODES.get(b, 0)]
     args.pin_cpu = bool(args.redis_pid) and (os.cpu_count() or 1) > 1 and \
         subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
     args.sqlite_dir = os.path.join(args.run_dir, "sqlite")
@@ -1006,12 +1092,15 @@ def main():
         results.append(r)
 
     for backend in BACKENDS:
-        impls = ["fenced", "floor"]
+        impls = base_impls(backend)
         impls += [p for p in PEERS_BY_BACKEND.get(backend, []) if peers_status[p] == "installed"]
         layouts = [(1, p * t) for p, t in handoff_layouts] if backend == "memory" else handoff_layouts
+        tps = throughput_tasks
+        if backend in REDLOCK_NODES:
+            tps, layouts = REDLOCK_THROUGHPUT_TASKS, REDLOCK_HANDOFF_LAYOUTS
         for impl in impls:
             go(impl, backend, "latency", 1, 1)
-            for t in throughput_tasks:
+            for t in tps:
                 go(impl, backend, "throughput", 1, t)
             for procs, tasks in layouts:
                 go(impl, backend, "handoff", procs, tasks)
@@ -1025,7 +1114,7 @@ def main():
         for r in pgb:
             log(f"pgbench {r['name']}: " + (f"{rate(r['tps'])} pairs/s" if "tps" in r else f"FAILED: {r['error']}"))
     memory = []
-    for backend in BACKENDS:
+    for backend in (b for b in BACKENDS if b not in REDLOCK_NODES):
         # Consensus stores write every grant to a synced log: 100k grants take minutes there.
         counts = memory_counts if backend in ("memory", "sqlite", "redis") else memory_counts[:1]
         for count in counts:

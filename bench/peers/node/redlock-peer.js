@@ -1,6 +1,8 @@
 'use strict';
-// npm redlock (one ioredis client, one server) under the bench protocol (bench/PROTOCOL.md).
-// Concurrency is N async loops on the one event loop, all sharing the one client connection.
+// npm redlock under the bench protocol (bench/PROTOCOL.md): one ioredis client for the one server
+// of a redis:// URL, or one per node of a redlock://host:port,host:port,.../db URL (Redlock over
+// all of them). Concurrency is N async loops on the one event loop, all sharing the client
+// connections.
 //
 // Measured window: --warmup seconds after the loops start, then --duration seconds. An
 // acquire+release pair counts when it starts and ends inside the window; no new pair starts
@@ -56,11 +58,27 @@ function parseArgs(argv) {
   if (!(a.concurrency >= 1 && a.duration > 0 && a.warmup >= 0 && a.leaseMs > 0 && a.holdMs >= 0)) {
     usage('--concurrency, --duration and --lease-ms must be positive, --warmup and --hold-ms not negative');
   }
-  if (!a.url.startsWith('redis://')) usage('only redis:// URLs are supported');
+  if (a.url.startsWith('redlock://')) {
+    a.nodeUrls = redlockNodeUrls(a.url);
+  } else if (a.url.startsWith('redis://')) {
+    a.nodeUrls = [a.url];
+  } else {
+    usage('only redis:// and redlock://host:port,host:port,.../db URLs are supported');
+  }
   if (a.mode === 'handoff' && !a.events) usage('--mode handoff needs --events FILE');
   if (a.mode === 'latency') a.concurrency = 1;
   a.concurrency = Math.floor(a.concurrency);
   return a;
+}
+
+// redlock://[cred@]h:p,[cred@]h:p,.../db[?params] -> one redis://[cred@]h:p/db per node (the query,
+// fenced's parameters, is ignored).
+function redlockNodeUrls(url) {
+  const rest = url.slice('redlock://'.length).split('?')[0];
+  const slash = rest.indexOf('/');
+  const nodes = slash >= 0 ? rest.slice(0, slash) : rest;
+  const db = (slash >= 0 ? rest.slice(slash + 1) : '') || '0';
+  return nodes.split(',').filter((n) => n).map((n) => `redis://${n}/${db}`);
 }
 
 function pkgVersion(name) {
@@ -92,20 +110,28 @@ async function main() {
   const Redis = require('ioredis');
   const Redlock = require('redlock');
 
-  const client = new Redis(a.url, { lazyConnect: true });
   let lastError = null;
-  client.on('error', (e) => { lastError = e; });
-  try {
-    await client.connect();
-    await client.ping();
-  } catch (e) {
-    die(`cannot reach ${a.url}: ${e.message}`);
+  const clients = [];
+  for (const url of a.nodeUrls) {
+    const client = new Redis(url, { lazyConnect: true });
+    client.on('error', (e) => { lastError = e; });
+    try {
+      await client.connect();
+      await client.ping();
+    } catch (e) {
+      die(`cannot reach ${url}: ${e.message}`);
+    }
+    clients.push(client);
   }
 
   const handoff = a.mode === 'handoff';
-  const redlock = new Redlock([client], handoff ? { retryCount: -1 } : {});
+  const redlock = new Redlock(clients, handoff ? { retryCount: -1 } : {});
+  const nodes = clients.length;
   const settings =
-    `redlock with one ioredis client (one connection shared by ${a.concurrency} async loops); ` +
+    (nodes === 1
+      ? `redlock with one ioredis client (one connection shared by ${a.concurrency} async loops); `
+      : `redlock over ${nodes} nodes (quorum ${Math.floor(nodes / 2) + 1}), one ioredis client per node ` +
+        `(each one connection shared by ${a.concurrency} async loops); `) +
     `a waiting acquire retries the lock script after retryDelay ${redlock.retryDelay} ms ` +
     `+/- retryJitter ${redlock.retryJitter} ms (library defaults), driftFactor ${redlock.driftFactor}; ` +
     (handoff

@@ -28,7 +28,10 @@ now_ns = time.monotonic_ns  # CLOCK_MONOTONIC
 GRACE_S = 1.0
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, redlock=False):
+    """The protocol's arguments. With `redlock`, the URL may also name several nodes,
+    `redlock://host:port,host:port,.../db`; `node_urls` is then one `redis://host:port/db` per
+    node (for a `redis://` URL, that URL alone)."""
     p = argparse.ArgumentParser(description="bench protocol peer (see bench/PROTOCOL.md)")
     p.add_argument("--url", required=True)
     p.add_argument("--mode", required=True, choices=["latency", "throughput", "handoff"])
@@ -42,13 +45,24 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.concurrency < 1 or a.duration <= 0 or a.warmup < 0 or a.lease_ms <= 0 or a.hold_ms < 0:
         p.error("--concurrency, --duration and --lease-ms must be positive, --warmup and --hold-ms not negative")
-    if not a.url.startswith("redis://"):
-        p.error("only redis:// URLs are supported")
+    if redlock and a.url.startswith("redlock://"):
+        a.node_urls = redlock_node_urls(a.url)
+    elif a.url.startswith("redis://"):
+        a.node_urls = [a.url]
+    else:
+        p.error("only redis:// URLs are supported" + (" (and redlock://h:p,h:p,.../db)" if redlock else ""))
     if a.mode == "handoff" and not a.events:
         p.error("--mode handoff needs --events FILE")
     if a.mode == "latency":
         a.concurrency = 1
     return a
+
+
+def redlock_node_urls(url):
+    """`redlock://[cred@]h:p,[cred@]h:p,.../db[?params]` -> one `redis://[cred@]h:p/db` per node
+    (the query, fenced's parameters, is ignored)."""
+    nodes, _, db = url[len("redlock://"):].split("?", 1)[0].partition("/")
+    return [f"redis://{node}/{db or '0'}" for node in nodes.split(",") if node]
 
 
 def dist_version(name):

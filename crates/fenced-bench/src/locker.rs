@@ -104,6 +104,16 @@ impl Locker for FencedLocker {
                  release channel, each message wakes the local queue's head, which runs the acquire \
                  script again; fallback wake at the holder's PTTL"
             }
+            "redlock" => {
+                "redlock: one single-node Redis backend per node (its multiplexed connection, and \
+                 a pub/sub connection once it waits); acquire runs the grant script on every node \
+                 at once (node_timeout 100 ms each) and is decided by a majority (a second round \
+                 only when the nodes' token counters differ); release runs the owner-checked \
+                 release script on every node at once; renewal asks every node, a majority must \
+                 confirm; waiting: each node's release notifications (pub/sub), a waiter wakes \
+                 once n - quorum + 1 nodes notified, after a split vote a random delay of up to \
+                 3 node timeouts"
+            }
             "etcd" => {
                 "etcd: one session lease per process kept alive in the background (a keep-alive \
                  every session_ttl/3, and one when a grant or renewal needs a fresher one); acquire \

@@ -58,7 +58,8 @@ struct Args {
     /// `fenced` or `floor`.
     #[arg(long = "impl", value_enum)]
     implementation: Impl,
-    /// The store: `memory://`, `sqlite:///path`, `redis://host:port/db`.
+    /// The store: `memory://`, `sqlite:///path`, `redis://host:port/db`,
+    /// `redlock://host:port,host:port,host:port/db`, … (anything `fenced::connect` takes).
     #[arg(long)]
     url: String,
     /// latency, throughput, handoff or memory.

@@ -1,4 +1,5 @@
-//! The rslock crate (Redlock over one server, tokio tasks) under the bench protocol
+//! The rslock crate (Redlock over the one server of a `redis://` URL, or over every node of a
+//! `redlock://host:port,host:port,.../db` URL; tokio tasks) under the bench protocol
 //! (bench/PROTOCOL.md).
 //!
 //! Measured window: `--warmup` seconds after the tasks start, then `--duration` seconds. An
@@ -113,13 +114,52 @@ fn parse_args() -> Args {
     if a.concurrency == 0 || a.duration <= 0.0 || a.warmup < 0.0 || a.lease_ms == 0 || a.hold_ms < 0.0 {
         usage("--concurrency, --duration and --lease-ms must be positive, --warmup and --hold-ms not negative");
     }
-    if !a.url.starts_with("redis://") {
-        usage("only redis:// URLs are supported");
+    if !a.url.starts_with("redis://") && !a.url.starts_with("redlock://") {
+        usage("only redis:// and redlock://host:port,host:port,.../db URLs are supported");
     }
     if a.mode == Mode::Handoff && a.events.is_none() {
         usage("--mode handoff needs --events FILE");
     }
     a
+}
+
+/// The `redis://` URL of each node: the URL itself, or for
+/// `redlock://[cred@]h:p,[cred@]h:p,.../db[?params]` one `redis://[cred@]h:p/db` per node (the
+/// query, fenced's parameters, is ignored).
+fn node_urls(url: &str) -> Vec<String> {
+    let Some(rest) = url.strip_prefix("redlock://") else {
+        return vec![url.to_string()];
+    };
+    let rest = rest.split('?').next().unwrap_or_default();
+    let (nodes, db) = rest.split_once('/').unwrap_or((rest, ""));
+    let db = if db.is_empty() { "0" } else { db };
+    nodes
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(|n| format!("redis://{n}/{db}"))
+        .collect()
+}
+
+/// A client for `url`, after a PING: rslock treats a failed connection like a held lock (it
+/// retries), so each server is checked first.
+async fn checked_client(url: &str) -> redis::Client {
+    let client = match redis::Client::open(url) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: bad --url {url}: {e}");
+            exit(1)
+        }
+    };
+    let ping: redis::RedisResult<String> = async {
+        let mut con = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async(&mut con).await
+    }
+    .await;
+    if let Err(e) = ping {
+        eprintln!("error: cannot reach {url}: {e}");
+        exit(1)
+    }
+    client
 }
 
 #[derive(Default)]
@@ -231,30 +271,28 @@ fn json_str(s: &str) -> String {
 #[tokio::main]
 async fn main() {
     let a = parse_args();
-    let client = match redis::Client::open(a.url.as_str()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: bad --url {}: {e}", a.url);
-            exit(1)
-        }
-    };
-    // rslock treats a failed connection like a held lock (it retries); check the server first.
-    let ping: redis::RedisResult<String> = async {
-        let mut con = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async(&mut con).await
+    let mut clients = Vec::new();
+    for url in node_urls(&a.url) {
+        clients.push(checked_client(&url).await);
     }
-    .await;
-    if let Err(e) = ping {
-        eprintln!("error: cannot reach {}: {e}", a.url);
-        exit(1)
-    }
-    let rl = LockManager::from_clients(vec![client]);
+    let nodes = clients.len();
+    let rl = LockManager::from_clients(clients);
     let ttl = Duration::from_millis(a.lease_ms);
     let hold = Duration::from_secs_f64(a.hold_ms / 1000.0);
 
+    let servers = if nodes == 1 {
+        "with the one server, one tokio task per client (multi-thread runtime), all tasks sharing \
+         the manager's one multiplexed connection"
+            .to_string()
+    } else {
+        format!(
+            "over {nodes} nodes (quorum {}), one tokio task per client (multi-thread runtime), all \
+             tasks sharing the manager's one multiplexed connection per node",
+            nodes / 2 + 1
+        )
+    };
     let settings = format!(
-        "rslock LockManager with the one server, one tokio task per client (multi-thread runtime), \
-         all tasks sharing the manager's one multiplexed connection; handoff waits with acquire(), \
+        "rslock LockManager {servers}; handoff waits with acquire(), \
          which loops lock() forever, each lock() making up to 3 tries of SET NX PX with a random \
          0-200 ms sleep between tries and none between lock() calls (library defaults: retry count 3, \
          retry delay 200 ms); a failed try also runs the unlock script; latency/throughput use lock() \
