@@ -114,6 +114,8 @@ INI
     as_postgres pgbouncer -q "$bouncer/pgbouncer.ini" >/dev/null 2>&1 &
     FENCED_PIDS+=("$!")
     if wait_for 10 env PGPASSWORD="$password" psql -X -q -h 127.0.0.1 -p "$port" -U fenced -d fenced_test -c "SELECT 1"; then
+      # runuser does not pass the cleanup's signal on: stop PgBouncer itself too.
+      [[ -s "$bouncer/pgbouncer.pid" ]] && FENCED_PIDS+=("$(cat "$bouncer/pgbouncer.pid")")
       export FENCED_TEST_PG_POOLED_URL="postgres://fenced:${password}@127.0.0.1:${port}/fenced_test?prepared_statements=false"
       log "PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') (transaction pooling) on 127.0.0.1:$port"
       return 0
