@@ -308,6 +308,23 @@ impl RedlockBackend {
         .transient(true)
     }
 
+    /// The answers of a read-only step, when a majority of nodes gave one; otherwise an error
+    /// saying how many answered.
+    fn majority_answered<T>(&self, answers: Answers<T>) -> Result<Vec<T>> {
+        let mut values = Vec::new();
+        let mut errors = Vec::new();
+        for (i, answer) in answers {
+            match answer {
+                Ok(value) => values.push(value),
+                Err(e) => errors.push((i, e)),
+            }
+        }
+        if values.len() < self.quorum() {
+            return Err(self.too_few(Operation::Admin, values.len(), &errors));
+        }
+        Ok(values)
+    }
+
     /// Releases `owner`'s grants of `key` on every node (after a failed acquisition).
     async fn release_everywhere(&self, key: &Key, owner: OwnerId) {
         let answers = self
@@ -631,21 +648,11 @@ impl Backend for RedlockBackend {
                 Operation::Admin,
             )
             .await;
-        let mut held = Vec::new();
-        let mut errors = Vec::new();
-        let mut answered = 0;
-        for (i, answer) in answers {
-            match answer {
-                Ok(info) => {
-                    answered += 1;
-                    held.extend(info);
-                }
-                Err(e) => errors.push((i, e)),
-            }
-        }
-        if answered < self.quorum() {
-            return Err(self.too_few(Operation::Admin, answered, &errors));
-        }
+        let held = self
+            .majority_answered(answers)?
+            .into_iter()
+            .flatten()
+            .collect();
         Ok(self.majority_holder(held))
     }
 
@@ -687,21 +694,11 @@ impl Backend for RedlockBackend {
                 Operation::Admin,
             )
             .await;
-        let mut all: Vec<HolderInfo> = Vec::new();
-        let mut errors = Vec::new();
-        let mut answered = 0;
-        for (i, answer) in answers {
-            match answer {
-                Ok(held) => {
-                    answered += 1;
-                    all.extend(held);
-                }
-                Err(e) => errors.push((i, e)),
-            }
-        }
-        if answered < self.quorum() {
-            return Err(self.too_few(Operation::Admin, answered, &errors));
-        }
+        let mut all: Vec<HolderInfo> = self
+            .majority_answered(answers)?
+            .into_iter()
+            .flatten()
+            .collect();
         all.sort_by(|a, b| a.key.cmp(&b.key));
         let mut out = Vec::new();
         let mut rest = all.as_slice();
