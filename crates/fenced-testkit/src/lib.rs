@@ -144,6 +144,7 @@ macro_rules! conformance_tests {
             non_owner_release_rejected,
             deadline_counts_from_grant,
             cancel_safety,
+            cancelled_acquisitions_leave_nothing,
             waiting_is_notification_driven,
             bad_input_no_io,
             list_shows_holders,

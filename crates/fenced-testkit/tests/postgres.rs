@@ -430,6 +430,7 @@ mod pooled {
         lost_on_takeover,
         non_owner_release_rejected,
         cancel_safety,
+        cancelled_acquisitions_leave_nothing,
         list_shows_holders
     );
 }

@@ -322,6 +322,10 @@ pub trait Watch: Send + fmt::Debug {
 /// operations can clean up: an acquisition cut short may have granted the lock (the client then
 /// releases it by owner id), and an extension or release cut short may or may not have happened.
 /// Never keep local state that claims an operation happened before the server confirmed it.
+/// The client never drops an `acquire` call half-way: when the caller's future is dropped, its
+/// clean-up first runs the call to its end, then releases. So a backend whose requests may be
+/// applied out of order (separate streams, pooled connections) does not see the clean-up's
+/// release overtake the grant it is meant to undo.
 ///
 /// ```
 /// # async fn demo() -> fenced::Result<()> {

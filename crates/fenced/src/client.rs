@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -438,7 +439,9 @@ impl Client {
         loop {
             let sent = Instant::now();
             in_flight.armed = true;
-            let reply = self.attempt(&request, options, deadline).await?;
+            let reply = self
+                .attempt(&request, options, deadline, &mut in_flight)
+                .await?;
             // A queued waiter's place is cleaned up if the wait ends without a grant.
             in_flight.armed = queued;
             let holder = match reply {
@@ -511,11 +514,15 @@ impl Client {
         request: &AcquireRequest<'_>,
         options: &LockOptions,
         deadline: Option<Instant>,
+        in_flight: &mut InFlight,
     ) -> Result<Acquired> {
         let retry = options.get_retry();
         let mut attempt = 0;
         loop {
-            match self.inner.backend.acquire(request).await {
+            let call = in_flight.call.insert(self.owned_acquire(request));
+            let outcome = call.await;
+            in_flight.call = None;
+            match outcome {
                 Ok(reply) => return Ok(reply),
                 Err(e) => {
                     let e = self.failed(
@@ -536,7 +543,30 @@ impl Client {
             }
         }
     }
+
+    /// One call of the backend's `acquire`, owning what it needs, so that a dropped acquisition
+    /// can hand the call on to its clean-up ([`InFlight`]), which runs it to its end before it
+    /// releases: a backend whose requests travel on separate streams or pooled connections
+    /// could otherwise apply the grant *after* its clean-up, and leave it behind (until its
+    /// lease ends; for ever on a session-bound backend whose session stays alive).
+    fn owned_acquire(&self, request: &AcquireRequest<'_>) -> Call {
+        let backend = self.inner.backend.clone();
+        let (key, owner, label) = (
+            request.key.clone(),
+            *request.owner,
+            request.label.to_owned(),
+        );
+        let (lease, mode, queue) = (request.lease, request.mode, request.queue);
+        Box::pin(async move {
+            let mut request = AcquireRequest::new(&key, &owner, lease, &label).with_queue(queue);
+            request.mode = mode;
+            backend.acquire(&request).await
+        })
+    }
 }
+
+/// A backend `acquire` call that owns its arguments.
+type Call = Pin<Box<dyn Future<Output = Result<Acquired>> + Send>>;
 
 /// Records the outcome (and the token of a grant) on the acquire span; failures other than "held
 /// by someone else" are logged at warn with their cause.
@@ -588,6 +618,8 @@ struct InFlight {
     key: Key,
     owner: OwnerId,
     armed: bool,
+    /// The backend call still running, if any: the clean-up waits for it.
+    call: Option<Call>,
 }
 
 impl InFlight {
@@ -597,6 +629,7 @@ impl InFlight {
             key,
             owner,
             armed: false,
+            call: None,
         }
     }
 }
@@ -631,7 +664,12 @@ impl Drop for InFlight {
         let backend = self.backend.clone();
         let key = self.key.clone();
         let owner = self.owner;
+        let call = self.call.take();
         drop(runtime.spawn(async move {
+            // The dropped attempt's request may still be on its way: finish it, then release.
+            if let Some(call) = call {
+                let _ = call.await;
+            }
             if let Err(e) = backend.release(&LockRef::new(&key, &owner)).await {
                 let e = backend_error(backend.name(), e.with_operation(Operation::Release));
                 debug!(key = %key, error = %e, "fenced: release after cancelled acquire failed; the lease will expire");
