@@ -12,63 +12,14 @@
 //! resource refuses the first holder's late write.
 #![cfg(feature = "redis")]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use fenced::{Client, LockOptions};
 use fenced_proof::proxy::{Fault, FaultProxy};
 use fenced_testkit::{require_env, unique_key, within};
-use tokio::process::{Child, Command};
 
-struct RedisProcess {
-    child: Child,
-    port: u16,
-}
-
-impl RedisProcess {
-    async fn start(dir: &std::path::Path, replica_of: Option<u16>) -> RedisProcess {
-        std::fs::create_dir_all(dir).expect("node dir");
-        let port = fenced_proof::server::free_port().expect("free port");
-        let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(primary) = replica_of {
-            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
-        }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot start redis-server ({e}); scripts/test installs the Debian package")
-        });
-        let node = RedisProcess { child, port };
-        within(20, "redis-server answering", async {
-            while node.cli(&["PING"]).await.trim() != "PONG" {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        node
-    }
-
-    async fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .expect("redis-cli (Debian redis-tools)");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!("redis://127.0.0.1:{}/0{query}", self.port)
-    }
-}
+mod support;
+use support::RedisProcess;
 
 /// A primary with one replica whose link (through the proxy) is up.
 async fn pair() -> (tempfile::TempDir, RedisProcess, RedisProcess, FaultProxy) {
