@@ -21,6 +21,10 @@ pub(crate) struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The longest lease this store's clients use: conditions that matter within it are
+    /// reported (e.g. a Redlock node that restarted more recently).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    max_lease: Duration,
 }
 
 /// Arguments of `fenced release`.
@@ -84,13 +88,26 @@ pub(crate) async fn status(url: Option<&str>, args: StatusArgs) -> u8 {
             return error_code(&e);
         }
     };
+    let warnings = match client.warnings(args.max_lease).await {
+        Ok(warnings) => warnings,
+        Err(e) => {
+            print_error(&e);
+            return error_code(&e);
+        }
+    };
     let store = store_name(url);
     if args.json {
         let locks: Vec<_> = held.iter().map(holder_json).collect();
-        println!("{}", json!({ "store": store, "locks": locks }));
+        println!(
+            "{}",
+            json!({ "store": store, "locks": locks, "warnings": warnings })
+        );
         return 0;
     }
     println!("store: {store}");
+    for warning in &warnings {
+        println!("warning: {warning}");
+    }
     if held.is_empty() {
         if args.prefix.is_empty() {
             println!("no locks held");

@@ -280,3 +280,74 @@ async fn status_never_prints_the_password() {
         assert!(all.contains("***"), "{all}");
     }
 }
+
+/// `fenced status` on Redlock names the nodes that started within `--max-lease` (the
+/// delayed-restart rule) and says nothing when none did; other stores print no warnings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_warns_about_young_redlock_nodes() {
+    let store = Store::redlock();
+    // Every node of the test run started less than a day ago, and more than a millisecond ago.
+    let out = fenced()
+        .args(["status", "--url", &store.url, "--max-lease", "24h"])
+        .args(["--prefix", "nothing-here:"])
+        .output()
+        .await
+        .unwrap();
+    assert_exit(&out, 0, store.name);
+    let text = stdout(&out);
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{text}");
+    for (n, warning) in warnings.iter().enumerate() {
+        assert!(
+            warning.contains(&format!("Redlock node {} ", n + 1))
+                && warning.contains("delayed-restart rule"),
+            "{warning}"
+        );
+    }
+    // The nodes are named without their password.
+    let password = store
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .expect("the test nodes have a password");
+    assert!(!text.contains(password), "password printed: {text}");
+    let out = fenced()
+        .args([
+            "status",
+            "--url",
+            &store.url,
+            "--max-lease",
+            "1ms",
+            "--json",
+        ])
+        .args(["--prefix", "nothing-here:"])
+        .output()
+        .await
+        .unwrap();
+    assert_exit(&out, 0, store.name);
+    let value: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(value["warnings"], serde_json::json!([]), "{value}");
+
+    let other = Store::redis();
+    let out = fenced()
+        .args([
+            "status",
+            "--url",
+            &other.url,
+            "--max-lease",
+            "24h",
+            "--json",
+        ])
+        .args(["--prefix", "nothing-here:"])
+        .output()
+        .await
+        .unwrap();
+    assert_exit(&out, 0, other.name);
+    let value: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    assert_eq!(value["warnings"], serde_json::json!([]), "{value}");
+}

@@ -414,6 +414,14 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
             format!("the {} backend cannot list its locks", self.name()),
         ))
     }
+
+    /// Conditions that weaken this backend's guarantees right now, in sentences for an
+    /// operator (`fenced status` prints them), given `max_lease`: the longest lease the
+    /// store's clients use. Empty when there is nothing to report (the default).
+    async fn warnings(&self, max_lease: Duration) -> Result<Vec<String>> {
+        let _ = max_lease;
+        Ok(Vec::new())
+    }
 }
 
 /// The fallback [`Watch`]: resolves after an exponentially growing delay (10 ms, doubling, at
@@ -468,6 +476,9 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     async fn list(&self, prefix: &str) -> Result<Vec<HolderInfo>> {
         (**self).list(prefix).await
+    }
+    async fn warnings(&self, max_lease: Duration) -> Result<Vec<String>> {
+        (**self).warnings(max_lease).await
     }
     fn session_state(&self) -> Option<tokio::sync::watch::Receiver<SessionState>> {
         (**self).session_state()

@@ -382,6 +382,31 @@ impl Client {
             .map_err(|e| self.failed(e.with_operation(Operation::Admin)))
     }
 
+    /// Conditions that weaken the store's guarantees right now, as sentences for an operator,
+    /// given `max_lease`, the longest lease this store's clients use (for example a Redlock
+    /// node that restarted more recently than that: a lock it held may be granted twice).
+    /// Empty when there is nothing to report; most backends never report anything.
+    ///
+    /// ```
+    /// # async fn demo() -> fenced::Result<()> {
+    /// use std::time::Duration;
+    /// let client = fenced::connect("memory://warnings-doc").await?;
+    /// for warning in client.warnings(Duration::from_secs(30)).await? {
+    ///     eprintln!("warning: {warning}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn warnings(&self, max_lease: Duration) -> Result<Vec<String>> {
+        self.inner
+            .backend
+            .warnings(max_lease)
+            .await
+            .map_err(|e| self.failed(e.with_operation(Operation::Admin)))
+    }
+
     /// Counts a failed backend call in the metrics and hands the error back.
     fn failed(&self, e: Error) -> Error {
         backend_error(self.inner.backend.name(), e)

@@ -138,6 +138,10 @@ impl<B: Backend> Backend for Counting<B> {
         self.counts.admin.fetch_add(1, Ordering::Relaxed);
         self.inner.list(prefix).await
     }
+    async fn warnings(&self, max_lease: Duration) -> Result<Vec<String>> {
+        self.counts.admin.fetch_add(1, Ordering::Relaxed);
+        self.inner.warnings(max_lease).await
+    }
     fn session_state(&self) -> Option<tokio::sync::watch::Receiver<crate::backend::SessionState>> {
         self.inner.session_state()
     }

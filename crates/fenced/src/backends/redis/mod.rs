@@ -1239,11 +1239,6 @@ impl RedisBackend {
                     .unexpected(Operation::Admin, &Value::SimpleString(info.clone()))
             })
     }
-
-    /// The URL with the password replaced by `***`.
-    pub(crate) fn redacted(&self) -> &str {
-        &self.inner.context.config.redacted
-    }
 }
 
 #[cfg(test)]

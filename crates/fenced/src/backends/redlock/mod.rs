@@ -1,6 +1,7 @@
 #![doc = include_str!("README.md")]
 
 mod config;
+mod round;
 mod wait;
 
 use std::fmt;
@@ -24,6 +25,7 @@ use crate::lease::drift;
 use crate::token::{FencingToken, OwnerId};
 
 use config::RedlockConfig;
+use round::Round;
 
 /// How long a node that could not be reached waits before the next connection attempt.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
@@ -74,6 +76,8 @@ impl fmt::Debug for RedlockBackend {
 struct Node {
     /// The node's `redis://` URL. Contains the password: never print.
     url: String,
+    /// `host:port`, for messages.
+    address: String,
     backend: OnceCell<RedisBackend>,
     /// When the last connection attempt started, while the node is not connected.
     last_attempt: Mutex<Option<Instant>>,
@@ -141,6 +145,16 @@ impl RedlockBackend {
             .iter()
             .map(|url| {
                 Arc::new(Node {
+                    address: url::Url::parse(url).map_or_else(
+                        |_| crate::url::redact(url),
+                        |u| {
+                            format!(
+                                "{}:{}",
+                                u.host_str().unwrap_or(""),
+                                u.port().unwrap_or(6379)
+                            )
+                        },
+                    ),
                     url: url.clone(),
                     backend: OnceCell::new(),
                     last_attempt: Mutex::new(Some(Instant::now())),
@@ -207,10 +221,9 @@ impl RedlockBackend {
     /// # Ok(()) }
     /// ```
     pub async fn young_nodes(&self, max_lease: Duration) -> Vec<(usize, Duration)> {
-        let answers = self
-            .each(|node| async move { node.uptime().await }, Operation::Admin)
-            .await;
-        let mut young: Vec<(usize, Duration)> = answers
+        let mut young: Vec<(usize, Duration)> = self
+            .uptimes()
+            .await
             .into_iter()
             .filter_map(|(i, uptime)| uptime.ok().map(|u| (i + 1, u)))
             .filter(|(_, uptime)| *uptime < max_lease)
@@ -219,7 +232,13 @@ impl RedlockBackend {
         young
     }
 
-    /// Runs `step` on every connected node at once, each within the node timeout; returns the
+    /// Each node's uptime (`INFO server`), in the order the answers came.
+    async fn uptimes(&self) -> Answers<Duration> {
+        self.each(|node| async move { node.uptime().await }, Operation::Admin)
+            .await
+    }
+
+    /// Runs `step` on every connected node at once, within the node timeout; returns the
     /// answers in the order they came (nodes not connected answer an error).
     async fn each<T, F, Fut>(&self, step: F, operation: Operation) -> Answers<T>
     where
@@ -227,66 +246,41 @@ impl RedlockBackend {
         F: Fn(RedisBackend) -> Fut,
         Fut: std::future::Future<Output = Result<T>> + Send + 'static,
     {
-        let mut set = self.spawn_each(step, operation);
+        let mut round = self.round(step, operation);
         let mut answers = Vec::with_capacity(self.inner.nodes.len());
-        while let Some((i, answer)) = self.next(&mut set, operation).await {
-            answers.push((i, answer));
+        while let Some(answer) = round.next().await {
+            answers.push(answer);
         }
         answers
     }
 
-    fn spawn_each<T, F, Fut>(&self, step: F, operation: Operation) -> JoinSet<(usize, Result<T>)>
+    /// A [`Round`] of `step` on every node (a node not connected answers an error at once).
+    fn round<T, F, Fut>(&self, step: F, operation: Operation) -> Round<T>
     where
         T: Send + 'static,
         F: Fn(RedisBackend) -> Fut,
         Fut: std::future::Future<Output = Result<T>> + Send + 'static,
     {
-        let timeout = self.inner.config.node_timeout;
-        let mut set = JoinSet::new();
-        for (i, node) in self.inner.nodes.iter().enumerate() {
+        let nodes = &self.inner.nodes;
+        let mut round = Round::new(self.inner.config.node_timeout, operation, nodes.len());
+        for (i, node) in nodes.iter().enumerate() {
             match node.get() {
-                Some(backend) => {
-                    let shown = backend.redacted().to_owned();
-                    let fut = step(backend);
-                    set.spawn(async move {
-                        let answer = match tokio::time::timeout(timeout, fut).await {
-                            Ok(answer) => answer,
-                            Err(_) => Err(Error::new(
-                                ErrorKind::Backend,
-                                operation,
-                                format!("the node {shown} did not answer within node_timeout={timeout:?}"),
-                            )
-                            .transient(true)),
-                        };
-                        (i, answer)
-                    });
-                }
+                Some(backend) => round.push(i, node.address.clone(), step(backend)),
                 None => {
-                    let shown = crate::url::redact(&node.url);
-                    set.spawn(async move {
-                        let e = Error::new(
-                            ErrorKind::Backend,
-                            operation,
-                            format!(
-                                "the node {shown} is not connected (reconnecting in the background)"
-                            ),
-                        )
-                        .transient(true);
-                        (i, Err(e))
-                    });
+                    let shown = node.address.clone();
+                    let e = Error::new(
+                        ErrorKind::Backend,
+                        operation,
+                        format!(
+                            "the node {shown} is not connected (reconnecting in the background)"
+                        ),
+                    )
+                    .transient(true);
+                    round.push(i, shown, std::future::ready(Err(e)));
                 }
             }
         }
-        set
-    }
-
-    async fn next<T: Send + 'static>(
-        &self,
-        set: &mut JoinSet<(usize, Result<T>)>,
-        operation: Operation,
-    ) -> Option<(usize, Result<T>)> {
-        let joined = set.join_next().await?;
-        Some(joined.unwrap_or_else(|e| (usize::MAX, Err(internal(operation, &e)))))
+        round
     }
 
     /// An error saying that too few nodes answered.
@@ -399,7 +393,7 @@ impl RedlockBackend {
         let key = request.key.clone();
         let owner = *request.owner;
         let (lease, label) = (request.lease, request.label.to_owned());
-        let mut set = self.spawn_each(
+        let mut round = self.round(
             |node| {
                 let (key, label) = (key.clone(), label.clone());
                 async move {
@@ -412,7 +406,7 @@ impl RedlockBackend {
         let mut granted: Vec<(usize, u64)> = Vec::new();
         let mut held: Vec<HolderInfo> = Vec::new();
         let mut errors: Vec<(usize, Error)> = Vec::new();
-        while let Some((i, answer)) = self.next(&mut set, Operation::Acquire).await {
+        while let Some((i, answer)) = round.next().await {
             match answer {
                 Ok(NodeGrant::Granted(token)) => granted.push((i, token)),
                 Ok(NodeGrant::Held(info)) => held.push(info),
@@ -421,12 +415,12 @@ impl RedlockBackend {
             // Too many refusals: the nodes still out cannot make a majority. Otherwise every
             // node's answer is awaited (each within the node timeout), so that every node that
             // grants also gets the grant's token in the second round.
-            if granted.len() + set.len() < quorum {
+            if granted.len() + round.len() < quorum {
                 break;
             }
         }
         // Nodes that did not answer may still grant: the release of this owner covers them.
-        drop(set);
+        drop(round);
 
         if granted.len() >= quorum {
             match self.settle_token(&key, owner, &granted).await {
@@ -485,22 +479,22 @@ impl RedlockBackend {
             .filter(|(_, t)| *t < token)
             .map(|(i, _)| *i)
             .collect();
-        let timeout = self.inner.config.node_timeout;
-        let mut set = JoinSet::new();
+        let mut round = Round::new(
+            self.inner.config.node_timeout,
+            Operation::Acquire,
+            behind.len(),
+        );
         for i in behind {
             if let Some(node) = self.inner.nodes[i].get() {
-                let key = key.clone();
-                set.spawn(async move {
-                    let raised =
-                        tokio::time::timeout(timeout, node.redlock_raise(&key, &owner, token))
-                            .await;
-                    (i, matches!(raised, Ok(Ok(true))))
+                let (key, shown) = (key.clone(), self.inner.nodes[i].address.clone());
+                round.push(i, shown, async move {
+                    node.redlock_raise(&key, &owner, token).await
                 });
             }
         }
         let mut raised = 0;
-        while let Some(joined) = set.join_next().await {
-            if matches!(joined, Ok((_, true))) {
+        while let Some((_, answer)) = round.next().await {
+            if matches!(answer, Ok(true)) {
                 raised += 1;
             }
         }
@@ -712,5 +706,39 @@ impl Backend for RedlockBackend {
             rest = tail;
         }
         Ok(out)
+    }
+
+    /// Nodes restarted within `max_lease` (the delayed-restart rule is broken while they are
+    /// that young) and nodes that do not answer (one fewer failure away from no majority).
+    async fn warnings(&self, max_lease: Duration) -> Result<Vec<String>> {
+        let mut notes: Vec<(usize, String)> = self
+            .uptimes()
+            .await
+            .into_iter()
+            .filter_map(|(i, uptime)| {
+                let shown = &self.inner.nodes.get(i)?.address;
+                let note = match uptime {
+                    Ok(up) if up < max_lease => format!(
+                        "Redlock node {} ({shown}) started {:.1}s ago, less than the longest lease \
+                         ({max_lease:?}): if it restarted empty, a lock it held may be granted a second time \
+                         until {:.1}s from now (the delayed-restart rule); fencing tokens still refuse the \
+                         earlier holder's writes",
+                        i + 1,
+                        up.as_secs_f64(),
+                        (max_lease - up).as_secs_f64()
+                    ),
+                    Ok(_) => return None,
+                    Err(e) => format!(
+                        "Redlock node {} ({shown}) does not answer ({e}); {} of {} nodes must grant each lock",
+                        i + 1,
+                        self.quorum(),
+                        self.inner.nodes.len()
+                    ),
+                };
+                Some((i, note))
+            })
+            .collect();
+        notes.sort_unstable();
+        Ok(notes.into_iter().map(|(_, note)| note).collect())
     }
 }
