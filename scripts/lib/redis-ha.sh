@@ -3,9 +3,11 @@
 #   - start_redlock_nodes: 5 independent servers for Redlock (tests take the first 3 for 3-node
 #     runs):
 #       FENCED_TEST_REDLOCK_URL         redlock://:PASSWORD@127.0.0.1:P1,127.0.0.1:P2,…,127.0.0.1:P5
-#   - start_redis_cluster: a Redis Cluster of 3 primaries with 1 replica each, seeded by the
-#     primaries:
+#   - start_redis_cluster [--replicas N] [--no-password]: a Redis Cluster of 3 primaries with 1
+#     replica each (N each with --replicas; 0 for none), seeded by the primaries; also sets
+#     REDIS_HA_CLUSTER_PRIMARIES (the primaries' ports):
 #       FENCED_TEST_REDIS_CLUSTER_URL   redis+cluster://:PASSWORD@127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3
+#     (redis+cluster://127.0.0.1:P1,… with --no-password)
 #   - start_redis_sentinel: a primary with 2 replicas, watched by 3 Sentinels under the name
 #     `fenced` (quorum 2; the Sentinels themselves take no password):
 #       FENCED_TEST_REDIS_SENTINEL_URL    redis+sentinel://:PASSWORD@127.0.0.1:S1,127.0.0.1:S2,127.0.0.1:S3/fenced
@@ -149,12 +151,12 @@ start_redlock_nodes() {
 
 # ── Redis Cluster ────────────────────────────────────────────────────────────────────────────
 
-# redis_ha_cluster_ready <password> <port…>: every node sees a healthy cluster of all the nodes
-# given and every replica's link to its primary is up; otherwise sets REDIS_HA_NOT_READY (and
-# REDIS_HA_BAD_PORT, the node at fault, if one is).
+# redis_ha_cluster_ready <password> <replicas per primary> <port…>: every node sees a healthy
+# cluster of all the nodes given and every replica's link to its primary is up; otherwise sets
+# REDIS_HA_NOT_READY (and REDIS_HA_BAD_PORT, the node at fault, if one is).
 redis_ha_cluster_ready() {
-  local password="$1" port info role masters=0 replicas=0
-  shift
+  local password="$1" per="$2" port info role masters=0 replicas=0
+  shift 2
   REDIS_HA_BAD_PORT=""
   for port in "$@"; do
     REDIS_HA_BAD_PORT="$port"
@@ -180,7 +182,7 @@ redis_ha_cluster_ready() {
     esac
   done
   REDIS_HA_BAD_PORT=""
-  if [[ $masters -ne $replicas ]]; then
+  if [[ $((masters * per)) -ne $replicas ]]; then
     REDIS_HA_NOT_READY="$masters primaries and $replicas replicas"
     return 1
   fi
@@ -189,8 +191,17 @@ redis_ha_cluster_ready() {
 start_redis_cluster() {
   need_packages "redis-server:redis-server" "redis-cli:redis-tools" "openssl:openssl"
   local password n dir ports=() nodes=() primaries=() replicas=() seeds=() port started=$SECONDS
+  local per=1 auth=()
   password="$(openssl rand -hex 16)"
-  for n in 1 2 3 4 5 6; do
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --replicas) per="$2"; shift 2 ;;
+      --no-password) password=""; shift ;;
+      *) die "start_redis_cluster: unknown argument $1" ;;
+    esac
+  done
+  if [[ -n "$password" ]]; then auth=(--no-auth-warning -a "$password"); fi
+  for n in $(seq $((3 * (per + 1)))); do
     dir="$(run_dir)/cluster-$n"
     redis_ha_node "$dir" "redis (cluster node $n)" "$password" yes \
       --cluster-enabled yes --cluster-config-file "$dir/nodes.conf" --cluster-node-timeout 2000 \
@@ -200,14 +211,14 @@ start_redis_cluster() {
   done
   local create_log
   create_log="$(run_dir)/cluster-create.log"
-  redis-cli --no-auth-warning -a "$password" --cluster create "${nodes[@]}" \
-    --cluster-replicas 1 --cluster-yes >"$create_log" 2>&1 \
+  redis-cli "${auth[@]}" --cluster create "${nodes[@]}" \
+    --cluster-replicas "$per" --cluster-yes >"$create_log" 2>&1 \
     || redis_ha_die "redis cluster (redis-cli --cluster create)" "$create_log" "could not create the cluster"
   # (The second check, after the wait, also names what is wrong.)
-  if ! wait_for 30 redis_ha_cluster_ready "$password" "${ports[@]}" \
-    && ! redis_ha_cluster_ready "$password" "${ports[@]}"; then
+  if ! wait_for 30 redis_ha_cluster_ready "$password" "$per" "${ports[@]}" \
+    && ! redis_ha_cluster_ready "$password" "$per" "${ports[@]}"; then
     local what="redis cluster" logfile="$create_log"
-    for n in 1 2 3 4 5 6; do
+    for n in $(seq ${#ports[@]}); do
       if [[ "${ports[n - 1]}" == "$REDIS_HA_BAD_PORT" ]]; then
         what="redis (cluster node $n)"; logfile="$(run_dir)/cluster-$n/redis.log"
       fi
@@ -222,8 +233,9 @@ start_redis_cluster() {
       replicas+=("$port")
     fi
   done
-  export FENCED_TEST_REDIS_CLUSTER_URL="redis+cluster://:${password}@$(IFS=,; printf '%s' "${seeds[*]}")"
-  log "redis $(redis_ha_version) cluster on 127.0.0.1: primaries ${primaries[*]}, replicas ${replicas[*]} (bus ports +10000; $((SECONDS - started))s)"
+  REDIS_HA_CLUSTER_PRIMARIES=("${primaries[@]}")
+  export FENCED_TEST_REDIS_CLUSTER_URL="redis+cluster://${password:+:${password}@}$(IFS=,; printf '%s' "${seeds[*]}")"
+  log "redis $(redis_ha_version) cluster on 127.0.0.1: primaries ${primaries[*]}, replicas ${replicas[*]:-none} (bus ports +10000; $((SECONDS - started))s)"
 }
 
 # ── Primary, replicas and Sentinels ──────────────────────────────────────────────────────────
