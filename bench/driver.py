@@ -2,14 +2,16 @@
 """Runs every benchmark of fenced in one go and writes BENCHMARKS.md (stdlib only).
 
 Started by scripts/bench, which builds fenced-bench, installs the peers and starts a dedicated
-Redis server (and 5 more as independent Redlock nodes). Every implementation is a command that
-follows bench/PROTOCOL.md: fenced and the raw floors (`fenced-bench --impl fenced|floor`) on
-memory, SQLite and Redis, and the peer libraries in bench/peers/bin/ on the same Redis server, in
-the same modes; fenced and the Redlock peers on 3 and on 5 Redlock nodes (no floor there).
+Redis server (and 5 more as independent Redlock nodes, and a Redis Cluster of 3 primaries). Every
+implementation is a command that follows bench/PROTOCOL.md: fenced and the raw floors
+(`fenced-bench --impl fenced|floor`) on memory, SQLite and Redis, and the peer libraries in
+bench/peers/bin/ on the same Redis server, in the same modes; fenced and the Redlock peers on 3
+and on 5 Redlock nodes (no floor there); fenced and the floor on the Redis Cluster (latency and
+throughput; no peer there).
 
 Redis commands per acquisition come from `INFO commandstats` snapshots taken inside the measured
-window (the driver's own INFO calls are left out). They count every command the server ran,
-including the ones run inside Lua scripts.
+window (the driver's own INFO calls are left out; on the cluster, the sum over its primaries).
+They count every command the server ran, including the ones run inside Lua scripts.
 """
 
 import argparse
@@ -28,7 +30,7 @@ import time
 
 # The settings of a run that the report shows, saved with its results.
 RENDER_SETTINGS = ["quick", "warmup", "duration", "lease_ms", "hold_ms", "memory_lease_ms", "rb_requests",
-                   "pin_cpu", "sqlite_dir", "run_dir"]
+                   "pin_cpu", "sqlite_dir", "run_dir", "cluster_primaries"]
 # Redlock backends: the number of independent Redis nodes each runs on (the first of
 # --redlock-ports). No floor runs on them.
 REDLOCK_NODES = {"redlock-3": 3, "redlock-5": 5}
@@ -42,8 +44,13 @@ PEERS_BY_BACKEND = {
     **{b: REDLOCK_PEERS for b in REDLOCK_NODES},
 }
 PEERS = list(dict.fromkeys(p for ps in PEERS_BY_BACKEND.values() for p in ps))
+# The Redis Cluster backend (the primaries of --cluster-ports): fenced and the floor, latency and
+# throughput only (no peer command takes a cluster; no hand-off or memory runs).
+CLUSTER = "redis-cluster"
+# The backends whose servers' `INFO commandstats` give commands per acquisition.
+COUNTED = ("redis", CLUSTER)
 ALL_BACKENDS = ["memory", "sqlite", "redis", "etcd", "zookeeper", "postgres-lease", "postgres-session",
-                "mysql-lease", "mysql-session"] + list(REDLOCK_NODES)
+                "mysql-lease", "mysql-session"] + list(REDLOCK_NODES) + [CLUSTER]
 # The backends of this run (etcd, ZooKeeper, PostgreSQL, MySQL and Redlock only when scripts/bench
 # started their servers).
 BACKENDS = list(ALL_BACKENDS)
@@ -109,6 +116,19 @@ class Redis:
                 calls[m.group(1)] = int(m.group(2))
         return calls
 
+    def pid(self):
+        """The server's process id (`INFO server`)."""
+        m = re.search(r"^process_id:(\d+)", self.cmd("INFO", "server"), re.M)
+        return int(m.group(1)) if m else 0
+
+
+def commandstats(servers):
+    """calls per command, summed over `servers`."""
+    calls = collections.Counter()
+    for server in servers:
+        calls.update(server.commandstats())
+    return dict(calls)
+
 
 def diff_calls(before, after):
     return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) - before.get(k, 0) > 0}
@@ -125,6 +145,7 @@ class Runner:
         self.commands = []  # every command line run, for the report
         self.redis = Redis("127.0.0.1", args.redis_port) if args.redis_port else None
         self.redlock = [Redis("127.0.0.1", p) for p in args.redlock_ports]
+        self.cluster = [Redis("127.0.0.1", p) for p in args.cluster_ports]
 
     def shown(self, argv):
         text = " ".join(shlex.quote(a) for a in argv)
@@ -167,7 +188,8 @@ class Runner:
         self.flush(backend)
         started = []
         # Redlock runs are not pinned: N servers on one core would answer the fan-out one by one.
-        pinned = mode == "latency" and backend not in REDLOCK_NODES and self.pin(True)
+        pinning = mode == "latency" and backend not in REDLOCK_NODES
+        pinned = pinning and self.pin(True, backend)
         for i in range(procs):
             argv = self.argv(impl, url, mode, tasks, prefix)
             if pinned:
@@ -181,11 +203,12 @@ class Runner:
         snap_a = spawn_last + int((warmup + margin) * 1e9)
         snap_b = spawn_first + int((warmup + duration - 0.1) * 1e9)
         snaps = None
-        if backend == "redis" and snap_b > snap_a:
+        if backend in COUNTED and snap_b > snap_a:
+            servers = self.cluster if backend == CLUSTER else [self.redis]
             sleep_until(snap_a)
-            t_a, before = time.monotonic_ns(), self.redis.commandstats()
+            t_a, before = time.monotonic_ns(), commandstats(servers)
             sleep_until(snap_b)
-            t_b, after = time.monotonic_ns(), self.redis.commandstats()
+            t_b, after = time.monotonic_ns(), commandstats(servers)
             snaps = (t_a, t_b, diff_calls(before, after))
         outs, errors = [], []
         for proc in started:
@@ -195,8 +218,8 @@ class Runner:
                 errors.append(err)
             else:
                 outs.append(out)
-        if pinned:
-            self.pin(False)
+        if pinning:
+            self.pin(False, backend)
         if errors:
             res["error"] = errors[0]
             return res
@@ -236,25 +259,35 @@ class Runner:
         return res
 
     def flush(self, backend):
-        """Empties the Redis server, or the Redlock nodes, `backend` runs on."""
+        """Empties the Redis server, the Redlock nodes or every primary of the cluster `backend`
+        runs on."""
         if backend == "redis":
             self.redis.cmd("FLUSHDB")
         for node in self.redlock[:REDLOCK_NODES.get(backend, 0)]:
             node.cmd("FLUSHDB")
+        if backend == CLUSTER:
+            for node in self.cluster:
+                node.cmd("FLUSHDB")
 
-    def pin(self, on):
-        """Latency runs: the Redis server on CPU 0 (the client is started on it too). On a VM,
-        single-task latency across two cores varies 2-3x from run to run with where the
-        scheduler puts the two; on one core it is stable."""
+    def pin(self, on, backend="redis"):
+        """Latency runs: the Redis server (on the cluster: every primary) on CPU 0 (the client is
+        started on it too). On a VM, single-task latency across two cores varies 2-3x from run to
+        run with where the scheduler puts the two; on one core it is stable."""
         if not self.args.pin_cpu:
             return False
         cpus = "0" if on else f"0-{os.cpu_count() - 1}"
+        ok = True
         try:
-            subprocess.run(["taskset", "-p", "-c", cpus, str(self.args.redis_pid)], check=True,
-                           capture_output=True, timeout=10)
-            return True
-        except (OSError, subprocess.SubprocessError):
+            pids = [node.pid() for node in self.cluster] if backend == CLUSTER else [self.args.redis_pid]
+        except (OSError, RuntimeError, ConnectionError):
             return False
+        for pid in pids:
+            try:
+                subprocess.run(["taskset", "-p", "-c", cpus, str(pid)], check=True,
+                               capture_output=True, timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                ok = False
+        return ok
 
     def url(self, backend, impl, prefix):
         if backend == "memory":
@@ -276,6 +309,8 @@ class Runner:
         if backend in REDLOCK_NODES:
             ports = self.args.redlock_ports[:REDLOCK_NODES[backend]]
             return "redlock://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/0"
+        if backend == CLUSTER:
+            return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.args.cluster_ports)
         return f"redis://127.0.0.1:{self.args.redis_port}/0"
 
     def argv(self, impl, url, mode, tasks, prefix):
@@ -651,6 +686,8 @@ class Report:
              if "mysql-lease" in BACKENDS else "")
           + (f", {max(REDLOCK_NODES[b] for b in BACKENDS if b in REDLOCK_NODES)} more Redis servers "
              "(the same settings) as independent Redlock nodes" if any(b in REDLOCK_NODES for b in BACKENDS) else "")
+          + (f", a Redis Cluster of {a.cluster_primaries} primaries (no replicas, the same settings)"
+             if CLUSTER in BACKENDS else "")
           + ". The benchmark processes and the servers share the same cores, so client CPU cost "
           "shows up as lower throughput.\n")
         w("- **fenced**: `fenced-bench --impl fenced`: the library as applications use it, one "
@@ -678,9 +715,10 @@ class Report:
         w("")
 
         for backend in BACKENDS:
-            if backend not in REDLOCK_NODES:
+            if backend not in REDLOCK_NODES and backend != CLUSTER:
                 self.backend_section(w, backend)
         self.redlock_section(w)
+        self.cluster_section(w)
 
         self.commands_section(w)
         self.rb_section(w)
@@ -700,7 +738,7 @@ class Report:
         with open(path, "w") as f:
             f.write(text)
 
-    def backend_section(self, w, backend):
+    def backend_section(self, w, backend, intro=None):
         title = {"memory": "In-process (memory://)", "sqlite": "SQLite (sqlite://, one file)",
                  "redis": "Redis (redis://, one server)", "etcd": "etcd (etcd://, one node)",
                  "zookeeper": "ZooKeeper (zk://, one node)",
@@ -709,8 +747,11 @@ class Report:
                  "mysql-lease": "MySQL (MariaDB), lease mode (mysql://, one server)",
                  "mysql-session": "MySQL (MariaDB), session mode (mysql://…?mode=session, one server)",
                  "redlock-3": "Redlock over 3 nodes (redlock://, 3 independent Redis servers)",
-                 "redlock-5": "Redlock over 5 nodes (redlock://, 5 independent Redis servers)"}[backend]
+                 "redlock-5": "Redlock over 5 nodes (redlock://, 5 independent Redis servers)",
+                 CLUSTER: f"Redis Cluster ({self.a.cluster_primaries} primaries)"}[backend]
         w(f"## {title}\n")
+        if intro:
+            w(intro)
         tps = sorted({r["tasks"] for r in self.results if r["backend"] == backend and r["mode"] == "throughput"})
         impls = self.impls(backend)
         # Latency and throughput.
@@ -719,7 +760,7 @@ class Report:
           "). *N tasks*: throughput runs, each task over its own 16 keys, not pinned.\n")
         head = "| implementation | latency p50 | latency p99 | latency ops/s |" + "".join(
             f" {tasks_label(t)} ops/s | {tasks_label(t)} p99 |" for t in tps)
-        if backend == "redis":
+        if backend in COUNTED:
             head += " commands per acquisition |"
         w(head)
         w("|" + "---|" * (head.count("|") - 1))
@@ -729,7 +770,7 @@ class Report:
             for t in tps:
                 r = self.find(impl, backend, "throughput", tasks=t)
                 row += f" {rate(r and r['ops_per_s'])} | {us(r and r['p99'])} |"
-            if backend == "redis":
+            if backend in COUNTED:
                 row += f" {cmds_total(lat) and f'{cmds_total(lat):.1f}' or '–'} |"
             w(row)
         w("")
@@ -856,6 +897,59 @@ class Report:
         w("")
         for backend in backends:
             self.backend_section(w, backend)
+
+    def cluster_section(self, w):
+        """fenced and the floor on the Redis Cluster, then both against the single Redis server."""
+        if CLUSTER not in BACKENDS:
+            return
+        n = self.a.cluster_primaries
+        intro = (
+            f"fenced's Redis Cluster backend (`redis+cluster://127.0.0.1:P1,…`, every primary a seed "
+            f"node; cargo feature `redis-cluster`) and the floor on a cluster of {n} primaries without "
+            "replicas, started for the run with the single Redis server's settings. The floor sends the "
+            "single-node floor's bare commands (`SET key owner NX PX`, then the compare-and-delete "
+            "`EVALSHA`) through redis-rs's async cluster connection, which routes each command to the "
+            "primary of its key's slot. In the throughput runs each task goes over its own 16 keys, so "
+            "the keys spread over the slots and every primary takes a share; the latency run uses one "
+            f"key, so one primary. Latency runs pin the command and all {n} primaries to CPU 0 when "
+            "`taskset` is there, like the single-node latency run; throughput runs are not pinned. "
+            "Commands per acquisition are summed over the primaries.\n\n"
+            f"**All {n} primaries share this {os.cpu_count()}-core machine with each other and with the "
+            "benchmark process, so the cluster cannot show more aggregate throughput than one node "
+            "here.** What these rows show is fenced's overhead on the cluster relative to the floor "
+            "(fenced ÷ floor below), and what the cluster path costs against one server (the second "
+            "table). None of the peers in bench/peers supports Redis Cluster (their commands connect "
+            "to single servers by `redis://` URL), so there are no peer rows; no hand-off or memory "
+            "runs on the cluster either.\n")
+        self.backend_section(w, CLUSTER, intro)
+        tps = sorted({r["tasks"] for r in self.results if r["backend"] == CLUSTER and r["mode"] == "throughput"})
+        rows = [("latency p50", "latency", {}, "p50", us),
+                ("latency ops/s", "latency", {}, "ops_per_s", rate)]
+        for t in tps:
+            rows += [(f"{tasks_label(t)} ops/s", "throughput", {"tasks": t}, "ops_per_s", rate),
+                     (f"{tasks_label(t)} p99", "throughput", {"tasks": t}, "p99", us)]
+        w("**On the cluster against one server.** *Cluster ÷ 1 node*: the same implementation on the "
+          "cluster ÷ on the single Redis server above; for ops/s below 1× means less on the cluster.\n")
+        head = ("| | fenced, 1 node | fenced, cluster | fenced: cluster ÷ 1 node | floor, 1 node | "
+                "floor, cluster | floor: cluster ÷ 1 node |")
+        w(head)
+        w("|" + "---|" * (head.count("|") - 1))
+        for label, mode, where, key, fmt in rows:
+            row = f"| {label} |"
+            for impl in ("fenced", "floor"):
+                one = self.find(impl, "redis", mode, **where)
+                many = self.find(impl, CLUSTER, mode, **where)
+                row += (f" {fmt(one and one[key])} | {fmt(many and many[key])} | "
+                        f"{ratio(div(many and many[key], one and one[key]))} |")
+            w(row)
+        row = "| commands per acquisition (latency run) |"
+        for impl in ("fenced", "floor"):
+            one, many = (cmds_total(r) if r else None for r in (self.find(impl, "redis", "latency"),
+                                                                  self.find(impl, CLUSTER, "latency")))
+            row += (f" {one and f'{one:.1f}' or '–'} | {many and f'{many:.1f}' or '–'} | "
+                    f"{ratio(div(many, one))} |")
+        w(row)
+        w("")
 
     def commands_section(self, w):
         rows = [r for r in self.results if r["backend"] == "redis" and r["ok"] and r.get("cmds")]
@@ -1021,15 +1115,21 @@ def main():
     ap.add_argument("--redlock-ports", default="",
                     help="P1,P2,P3,P4,P5: independent Redis servers on 127.0.0.1 without password for the "
                          "Redlock runs (redlock-3 on the first 3, redlock-5 on all 5; none without it)")
+    ap.add_argument("--cluster-ports", default="",
+                    help="P1,P2,P3: the primaries of a Redis Cluster on 127.0.0.1 without password and "
+                         "without replicas (no Redis Cluster rows without it)")
     ap.add_argument("--mysql-url", default="",
                     help="mysql://user:pw@host:port/db of a MySQL or MariaDB server for this run, without "
                          "parameters (no MySQL rows without it); both modes run on it")
     args = ap.parse_args()
     args.redlock_ports = [int(p) for p in args.redlock_ports.split(",") if p.strip()]
+    args.cluster_ports = [int(p) for p in args.cluster_ports.split(",") if p.strip()]
+    args.cluster_primaries = len(args.cluster_ports)
     BACKENDS[:] = [b for b in ALL_BACKENDS if (b != "etcd" or args.etcd_url) and (b != "zookeeper" or args.zk_url)
                    and (not b.startswith("postgres") or args.pg_url)
                    and (not b.startswith("mysql") or args.mysql_url)
-                   and len(args.redlock_ports) >= REDLOCK_NODES.get(b, 0)]
+                   and len(args.redlock_ports) >= REDLOCK_NODES.get(b, 0)
+                   and (b != CLUSTER or args.cluster_ports)]
     args.pin_cpu = bool(args.redis_pid) and (os.cpu_count() or 1) > 1 and \
         subprocess.run(["sh", "-c", "command -v taskset"], capture_output=True).returncode == 0
     args.sqlite_dir = os.path.join(args.run_dir, "sqlite")
@@ -1098,6 +1198,8 @@ def main():
         tps = throughput_tasks
         if backend in REDLOCK_NODES:
             tps, layouts = REDLOCK_THROUGHPUT_TASKS, REDLOCK_HANDOFF_LAYOUTS
+        if backend == CLUSTER:
+            layouts = []
         for impl in impls:
             go(impl, backend, "latency", 1, 1)
             for t in tps:
@@ -1114,7 +1216,7 @@ def main():
         for r in pgb:
             log(f"pgbench {r['name']}: " + (f"{rate(r['tps'])} pairs/s" if "tps" in r else f"FAILED: {r['error']}"))
     memory = []
-    for backend in (b for b in BACKENDS if b not in REDLOCK_NODES):
+    for backend in (b for b in BACKENDS if b not in REDLOCK_NODES and b != CLUSTER):
         # Consensus stores write every grant to a synced log: 100k grants take minutes there.
         counts = memory_counts if backend in ("memory", "sqlite", "redis") else memory_counts[:1]
         for count in counts:

@@ -104,6 +104,15 @@ impl Locker for FencedLocker {
                  release channel, each message wakes the local queue's head, which runs the acquire \
                  script again; fallback wake at the holder's PTTL"
             }
+            "redis-cluster" => {
+                "redis-cluster: the redis backend's scripts on one cluster connection per process \
+                 (redis-rs cluster-async, RESP3), each script call routed to the primary of its \
+                 key's slot (a lock's names share the hash tag {key}); the release script \
+                 SPUBLISHes instead of PUBLISH; waiting: the process SSUBSCRIBEs once per waited-on \
+                 key on that primary (pushes on the same connection), each message wakes the local \
+                 queue's head, which runs the acquire script again; fallback wake at the holder's \
+                 PTTL"
+            }
             "redlock" => {
                 "redlock: one single-node Redis backend per node (its multiplexed connection, and \
                  a pub/sub connection once it waits); acquire runs the grant script on every node \

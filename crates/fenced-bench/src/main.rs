@@ -59,7 +59,8 @@ struct Args {
     #[arg(long = "impl", value_enum)]
     implementation: Impl,
     /// The store: `memory://`, `sqlite:///path`, `redis://host:port/db`,
-    /// `redlock://host:port,host:port,host:port/db`, … (anything `fenced::connect` takes).
+    /// `redlock://host:port,host:port,host:port/db`, `redis+cluster://host:port,host:port`, …
+    /// (anything `fenced::connect` takes).
     #[arg(long)]
     url: String,
     /// latency, throughput, handoff or memory.

@@ -32,6 +32,14 @@ pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
         let channel_key = handoff.then(|| format!("{}:handoff", plan.prefix));
         let floor = redis::RedisFloor::connect(url, plan.lease, channel_key).await?;
         crate::run::measure(floor, plan).await
+    } else if url.starts_with("redis+cluster://") {
+        if handoff {
+            return Err(
+                "the Redis Cluster floor measures latency and throughput, not handoff".to_owned(),
+            );
+        }
+        let floor = redis::RedisFloor::connect_cluster(url, plan.lease).await?;
+        crate::run::measure(floor, plan).await
     } else if url.starts_with("etcd://") {
         let floor = etcd::EtcdFloor::connect(url, plan.lease, handoff).await?;
         crate::run::measure(floor, plan).await
@@ -47,9 +55,9 @@ pub(crate) async fn measure(url: &str, plan: &Plan) -> Result<Value, String> {
         crate::run::measure(floor, plan).await
     } else {
         Err(format!(
-            "no floor for {url}; use memory://, sqlite:///path, redis://host:port, etcd://host:port, \
-             zk://host:port, postgres://user@host:port/db[?mode=session] or \
-             mysql://user@host:port/db[?mode=session]"
+            "no floor for {url}; use memory://, sqlite:///path, redis://host:port, \
+             redis+cluster://host:port[,host:port…], etcd://host:port, zk://host:port, \
+             postgres://user@host:port/db[?mode=session] or mysql://user@host:port/db[?mode=session]"
         ))
     }
 }

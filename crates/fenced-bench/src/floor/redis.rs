@@ -1,11 +1,16 @@
 //! The Redis floor: `SET key owner NX PX lease` to acquire and a compare-and-delete script
 //! (`EVALSHA`) to release, on one multiplexed connection. In handoff mode the release script
 //! also `PUBLISH`es, and one pub/sub connection per process wakes one local waiter per message.
+//!
+//! On a Redis Cluster (`redis+cluster://host:port,…`) the same commands go through redis-rs's
+//! async cluster connection, which sends each one to the primary of its key's slot (latency and
+//! throughput modes only).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -29,9 +34,12 @@ pub(crate) struct RedisHeld {
     owner: String,
 }
 
-/// The bare Redis operations on one multiplexed connection.
-pub(crate) struct RedisFloor {
-    conn: MultiplexedConnection,
+/// The bare Redis operations on one connection: a multiplexed connection to one server, or a
+/// cluster connection.
+pub(crate) struct RedisFloor<C = MultiplexedConnection> {
+    conn: C,
+    /// The connection, for `settings`.
+    connection: &'static str,
     release: Script,
     /// In handoff mode: woken once per release message.
     released: Option<Arc<Notify>>,
@@ -39,9 +47,10 @@ pub(crate) struct RedisFloor {
     owners: Owners,
 }
 
-impl std::fmt::Debug for RedisFloor {
+impl<C> std::fmt::Debug for RedisFloor<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisFloor")
+            .field("connection", &self.connection)
             .field("lease_ms", &self.lease_ms)
             .finish_non_exhaustive()
     }
@@ -50,6 +59,11 @@ impl std::fmt::Debug for RedisFloor {
 /// The release channel of `key`.
 fn channel(key: &str) -> String {
     format!("{key}:released")
+}
+
+/// The lease in whole milliseconds, for `PX`.
+fn millis(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl RedisFloor {
@@ -97,13 +111,53 @@ impl RedisFloor {
         };
         Ok(RedisFloor {
             conn,
+            connection: "one multiplexed connection per process",
             release: Script::new(source),
             released,
-            lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+            lease_ms: millis(lease),
             owners: Owners::new(),
         })
     }
+}
 
+impl RedisFloor<ClusterConnection> {
+    /// Connects to the Redis Cluster named by `url` (`redis+cluster://[user:pass@]host:port,…`,
+    /// the hosts being seed nodes).
+    pub(crate) async fn connect_cluster(
+        url: &str,
+        lease: Duration,
+    ) -> Result<RedisFloor<ClusterConnection>, String> {
+        let rest = url
+            .strip_prefix("redis+cluster://")
+            .ok_or_else(|| format!("{url} is not a redis+cluster:// URL"))?;
+        let (credentials, hosts) = match rest.rsplit_once('@') {
+            Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+            None => (String::new(), rest),
+        };
+        let seeds: Vec<String> = hosts
+            .trim_end_matches('/')
+            .split(',')
+            .map(|host| format!("redis://{credentials}{host}"))
+            .collect();
+        let client =
+            redis::cluster::ClusterClient::new(seeds).map_err(|e| format!("{url}: {e}"))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| format!("connecting to {url}: {e}"))?;
+        Ok(RedisFloor {
+            conn,
+            connection: "one cluster connection per process (redis-rs cluster-async: each \
+                         command goes to the primary of its key's slot)",
+            release: Script::new(RELEASE),
+            released: None,
+            lease_ms: millis(lease),
+            owners: Owners::new(),
+        })
+    }
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> RedisFloor<C> {
     /// One `SET key owner NX PX lease`: whether it was granted.
     async fn try_set(&self, key: &str, owner: &str) -> Result<bool, String> {
         let mut conn = self.conn.clone();
@@ -120,7 +174,7 @@ impl RedisFloor {
     }
 }
 
-impl Locker for RedisFloor {
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Locker for RedisFloor<C> {
     type Held = RedisHeld;
 
     async fn acquire(&self, key: &str) -> Result<RedisHeld, String> {
@@ -186,19 +240,19 @@ impl Locker for RedisFloor {
     }
 
     fn settings(&self) -> String {
-        let lease = self.lease_ms;
+        let (lease, connection) = (self.lease_ms, self.connection);
         match self.released {
             None => format!(
-                "redis floor: one multiplexed connection per process; acquire = SET key owner NX PX \
-                 {lease}; release = EVALSHA of GET + compare + DEL; no fencing token, no renewal"
+                "redis floor: {connection}; acquire = SET key owner NX PX {lease}; release = \
+                 EVALSHA of GET + compare + DEL; no fencing token, no renewal"
             ),
             Some(_) => format!(
-                "redis floor: one multiplexed connection per process; acquire = SET key owner NX PX \
-                 {lease}; release = EVALSHA of GET + compare + DEL + PUBLISH; waiting: one pub/sub \
-                 connection per process SUBSCRIBEs to the key's channel at start, each message wakes \
-                 one local waiter (Notify::notify_one), which retries SET NX; fallback retry after \
-                 the lease; no FIFO (a releasing task may take the lock again at once); no fencing \
-                 token, no renewal"
+                "redis floor: {connection}; acquire = SET key owner NX PX {lease}; release = \
+                 EVALSHA of GET + compare + DEL + PUBLISH; waiting: one pub/sub connection per \
+                 process SUBSCRIBEs to the key's channel at start, each message wakes one local \
+                 waiter (Notify::notify_one), which retries SET NX; fallback retry after the lease; \
+                 no FIFO (a releasing task may take the lock again at once); no fencing token, no \
+                 renewal"
             ),
         }
     }
