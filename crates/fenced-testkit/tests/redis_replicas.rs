@@ -178,3 +178,55 @@ async fn min_replicas_on_the_shared_replicated_primary() {
     );
     assert!(client.holder(&key).await.expect("holder").is_none());
 }
+
+/// With `min_replicas`, an extension the replicas did not acknowledge is not confirmed: the
+/// guard keeps its earlier deadline (a failover would bring back the earlier expiry), and an
+/// acknowledged one moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_replicas_confirms_only_acknowledged_extensions() {
+    let (_dir, primary, _replica, proxy) = pair().await;
+    let key = unique_key("acked-extend");
+    let client = client(&primary.url("?min_replicas=1&replica_timeout=300ms")).await;
+    let options = LockOptions::new()
+        .lease(Duration::from_secs(60))
+        .renew(false);
+    let guard = within(
+        20,
+        "an acknowledged grant",
+        client.lock_with(&key, &options),
+    )
+    .await
+    .expect("acknowledged by the replica");
+    let deadline = guard.deadline();
+
+    proxy.set(Fault::Partition);
+    let e = guard
+        .extend(Duration::from_secs(90))
+        .await
+        .expect_err("the replica did not acknowledge the extension");
+    assert!(
+        e.to_string()
+            .contains("extension not confirmed (replication)"),
+        "{e}"
+    );
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(
+        guard.deadline(),
+        deadline,
+        "an unconfirmed extension moved the deadline"
+    );
+    assert!(guard.is_valid());
+
+    proxy.set(Fault::None);
+    within(20, "an acknowledged extension", async {
+        while guard.extend(Duration::from_secs(90)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        guard.deadline() > deadline,
+        "the acknowledged extension did not move the deadline"
+    );
+    guard.release().await.expect("release");
+}

@@ -806,7 +806,26 @@ impl Backend for RedisBackend {
                     .arg(lease_ms(lease)),
             )
             .await?;
-        self.confirm(Operation::Extend, reply)
+        let confirm = self.confirm(Operation::Extend, reply)?;
+        if confirm == Confirm::Done {
+            // An extension the replicas do not have would be lost in a failover, and the lock
+            // would end earlier than its holder believes: unconfirmed, the old deadline stands.
+            if let Some(acked) = self.too_few_replicas(&names.lock).await? {
+                let config = &self.inner.context.config;
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    Operation::Extend,
+                    format!(
+                        "extension not confirmed (replication): {acked} of the {} replicas asked for \
+                         (min_replicas) acknowledged it on {} within {:?}; the lock keeps its earlier deadline",
+                        config.min_replicas, config.redacted, config.replica_timeout
+                    ),
+                )
+                .transient(true)
+                .with_key(lock.key.as_str()));
+            }
+        }
+        Ok(confirm)
     }
 
     async fn release(&self, lock: &LockRef<'_>) -> Result<Confirm> {
@@ -1080,52 +1099,54 @@ impl RedisBackend {
     /// this connection; when fewer acknowledge in `replica_timeout`, gives the grant back and
     /// fails with "not acquired (replication)" (transient: the client may retry).
     async fn replicated(&self, request: &AcquireRequest<'_>) -> Result<()> {
-        let config = &self.inner.context.config;
-        if config.min_replicas == 0 {
-            return Ok(());
-        }
-        let wanted = config.min_replicas;
-        let wait_ms = u64::try_from(config.replica_timeout.as_millis()).unwrap_or(u64::MAX);
         let lock = self.key_names(request.key).lock;
-        let acked = tokio::time::timeout(
-            config.replica_timeout + config.timeout,
-            self.wait_replicas(&lock, wanted, wait_ms),
-        )
-        .await;
-        let acked = match acked {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                let _ = self
-                    .release(&LockRef::new(request.key, request.owner))
-                    .await;
-                return Err(self.inner.context.error(Operation::Acquire, &e));
-            }
-            Err(_) => -1,
-        };
-        if acked >= i64::from(wanted) {
+        let too_few = self.too_few_replicas(&lock).await;
+        if matches!(too_few, Ok(None)) {
             return Ok(());
         }
         // Owner-checked, so it never touches another owner's lock; if it fails, the lease ends it.
         let _ = self
             .release(&LockRef::new(request.key, request.owner))
             .await;
-        let acked = if acked < 0 {
-            "no answer".to_owned()
-        } else {
-            format!("{acked}")
-        };
+        let config = &self.inner.context.config;
+        let acked = too_few
+            .map_err(|e| e.with_operation(Operation::Acquire))?
+            .unwrap_or_default();
         Err(Error::new(
             ErrorKind::Backend,
             Operation::Acquire,
             format!(
-                "not acquired (replication): {acked} of the {wanted} replicas asked for (min_replicas) acknowledged \
+                "not acquired (replication): {acked} of the {} replicas asked for (min_replicas) acknowledged \
                  the grant on {} within {:?}; the grant was given back. Check the replicas (INFO replication), \
                  or lower min_replicas",
-                config.redacted, config.replica_timeout
+                config.min_replicas, config.redacted, config.replica_timeout
             ),
         )
         .transient(true)
         .with_key(request.key.as_str()))
+    }
+
+    /// With `min_replicas`: `WAIT`s for that many replicas to have this connection's writes so
+    /// far (on the node of `lock`'s slot); `None` when they do (or `min_replicas` is 0), else how
+    /// many acknowledged within `replica_timeout` ("no answer" when the wait itself timed out).
+    async fn too_few_replicas(&self, lock: &str) -> Result<Option<String>> {
+        let config = &self.inner.context.config;
+        if config.min_replicas == 0 {
+            return Ok(None);
+        }
+        let wanted = config.min_replicas;
+        let wait_ms = u64::try_from(config.replica_timeout.as_millis()).unwrap_or(u64::MAX);
+        let acked = tokio::time::timeout(
+            config.replica_timeout + config.timeout,
+            self.wait_replicas(lock, wanted, wait_ms),
+        )
+        .await;
+        match acked {
+            Ok(Ok(n)) if n >= i64::from(wanted) => Ok(None),
+            Ok(Ok(n)) => Ok(Some(n.to_string())),
+            Ok(Err(e)) => Err(self.inner.context.error(Operation::Admin, &e)),
+            Err(_) => Ok(Some("no answer".to_owned())),
+        }
     }
 
     /// Reads the reply of the extend and release scripts.
