@@ -165,13 +165,16 @@ async fn failing_backends_have_their_codes() {
     assert!(!err.contains("not-the-password-1234"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 
+    // Sentinels that do not answer (nothing listens on ports 1 and 2).
     let (code, err) = run(&[
         "status",
         "--url",
-        "redis+sentinel://127.0.0.1:26379/primary",
+        "redis+sentinel://:not-the-password-1234@127.0.0.1:1,127.0.0.1:2/primary?timeout=1s",
     ])
     .await;
-    assert_eq!(code, Some(78), "backend not in this version: {err}");
+    assert_eq!(code, Some(69), "no Sentinel reachable: {err}");
+    assert!(err.contains("no Sentinel"), "{err}");
+    assert!(!err.contains("not-the-password-1234"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -390,13 +390,4 @@ async fn bad_urls_fail_clearly_without_the_password() {
         assert!(text.contains(says), "{bad}: {text}");
         assert!(!text.contains("hunter2"), "{bad}: {text}");
     }
-
-    // Sentinel is not supported: the message says what to do instead.
-    let e = fenced::connect("redis+sentinel://:hunter2@127.0.0.1:1,127.0.0.1:2/fenced")
-        .await
-        .unwrap_err();
-    let text = format!("{e} {e:?}");
-    assert_eq!(e.kind(), ErrorKind::Unsupported, "{text}");
-    assert!(text.contains("current primary"), "{text}");
-    assert!(!text.contains("hunter2"), "{text}");
 }

@@ -16,6 +16,7 @@ use crate::options::LockOptions;
 /// | `redis://[user:pass@]host:port/db`, `rediss://…` | one Redis or Valkey server (TLS with `rediss`) | `redis` |
 /// | `redlock://[user:pass@]host:port,host:port,host:port[,…]`, `redlocks://…` | Redlock over 3 or more independent Redis / Valkey nodes (a majority grants) | `redlock` |
 /// | `redis+cluster://[user:pass@]host:port[,host:port…]`, `rediss+cluster://…` | a Redis / Valkey Cluster (7.0 or later; the hosts are seed nodes) | `redis-cluster` |
+/// | `redis+sentinel://[user:pass@]host:port[,host:port…]/name[/db]`, `rediss+sentinel://…` | the primary that Redis Sentinels monitor under `name` (the hosts are the Sentinels), followed across failovers | `redis-sentinel` |
 /// | `zk://[user:pass@]host:port[,host:port…][/chroot]` | a ZooKeeper ensemble (session-bound locks) | `zookeeper` |
 /// | `etcd://[user:pass@]host:port[,host:port…]`, `etcds://…` | an etcd cluster (session-bound locks; TLS with `etcds`) | `etcd` |
 /// | `postgres://user:pass@host:port/db[?mode=session]` | PostgreSQL (lease rows, or advisory locks in session mode) | `postgres` |
@@ -127,18 +128,14 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             #[cfg(not(feature = "redis-cluster"))]
             return Err(feature_off(&scheme, "redis-cluster"));
         }
+        // And a list of Sentinels (`redis+sentinel://s1:26379,s2:26379/mymaster`).
         if scheme == "redis+sentinel" || scheme == "rediss+sentinel" {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                Operation::Connect,
-                format!(
-                    "{}: Redis Sentinel ({scheme}://) is not supported by this version of fenced; point a \
-                     redis:// URL at the current primary instead (ask a Sentinel: SENTINEL \
-                     get-master-addr-by-name <name>), and see the Redis backend docs for what a failover \
-                     means for a lock",
-                    redact(raw)
-                ),
+            #[cfg(feature = "redis-sentinel")]
+            return Ok(std::sync::Arc::new(
+                crate::backends::redis::RedisBackend::from_sentinel_str(raw).await?,
             ));
+            #[cfg(not(feature = "redis-sentinel"))]
+            return Err(feature_off(&scheme, "redis-sentinel"));
         }
     }
     // Several etcd endpoints in the authority (`etcd://a:2379,b:2379`) become a parameter.
@@ -200,7 +197,8 @@ async fn open(raw: &str) -> Result<std::sync::Arc<dyn crate::Backend>> {
             Operation::Connect,
             format!(
                 "unknown URL scheme {scheme:?} in {}; use memory://, sqlite:///path/to/locks.db, \
-                 redis://host:port, rediss://host:port, redis+cluster://host:port,host:port, etcd://host:port, zk://host:port, \
+                 redis://host:port, rediss://host:port, redis+cluster://host:port,host:port, \
+                 redis+sentinel://host:26379,host:26379/name, etcd://host:port, zk://host:port, \
                  postgres://user@host/db or mysql://user@host/db",
                 redact(raw)
             ),

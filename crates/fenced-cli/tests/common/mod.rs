@@ -74,12 +74,22 @@ impl Store {
         }
     }
 
+    /// The primary that the test Sentinels monitor (`redis+sentinel://`).
+    pub fn sentinel() -> Store {
+        Store {
+            name: "redis-sentinel",
+            url: require_env("FENCED_TEST_REDIS_SENTINEL_URL"),
+            _dir: None,
+        }
+    }
+
     /// Every store shared between processes whose locks can outlive the process.
     pub fn all() -> Vec<Store> {
         vec![
             Store::sqlite(),
             Store::redis(),
             Store::redlock(),
+            Store::sentinel(),
             Store::postgres(),
             Store::mysql(),
         ]

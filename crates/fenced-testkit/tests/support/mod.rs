@@ -72,3 +72,46 @@ impl RedisProcess {
         format!("redis://127.0.0.1:{}/0{query}", self.port)
     }
 }
+
+/// A `redis-sentinel` of the test's own that monitors the primary on `primary` under `name`
+/// (quorum 2; down after 500 ms, failover timeout 2 s, so that failovers are quick), with its
+/// config (which Sentinel rewrites), `extra` config lines (`tls-port …`) and log in `dir`;
+/// killed when dropped. No password; `port` is its plain port.
+pub(crate) async fn start_sentinel(
+    dir: &Path,
+    name: &str,
+    primary: u16,
+    extra: &[&str],
+) -> RedisProcess {
+    std::fs::create_dir_all(dir).expect("sentinel dir");
+    let port = fenced_proof::server::free_port().expect("free port");
+    let config = dir.join("sentinel.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/sentinel.log\n\
+             sentinel resolve-hostnames no\nsentinel monitor {name} 127.0.0.1 {primary} 2\n\
+             sentinel down-after-milliseconds {name} 500\nsentinel failover-timeout {name} 2000\n{}\n",
+            extra.join("\n"),
+            dir = dir.display()
+        ),
+    )
+    .expect("sentinel.conf");
+    let child = Command::new("redis-sentinel")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start redis-sentinel ({e}); scripts/test installs the Debian package")
+        });
+    let sentinel = RedisProcess { child, port };
+    within(20, "redis-sentinel answering", async {
+        while sentinel.cli(&["PING"]).await.trim() != "PONG" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    sentinel
+}

@@ -16,6 +16,13 @@
 //! (TLS) take the same parameters. The hosts are seed nodes of one Redis Cluster (any of them
 //! will do; the client learns the others from the cluster); the credentials, given once before
 //! the first host, apply to every node. A cluster has only database 0, so there is no path.
+//!
+//! `redis+sentinel://[user:password@]host[:port][,host[:port]…]/<primary name>[/db][?params]`
+//! and `rediss+sentinel://…` (TLS to the Sentinels and the data nodes) name the Sentinels (port
+//! 26379 by default) and the name under which they monitor the primary. The user and password
+//! before the hosts are the data nodes' (the primary's); the Sentinels' own are the parameters
+//! `sentinel_user` and `sentinel_password` (Sentinels often have none). The other parameters are
+//! those of a single server.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -40,6 +47,9 @@ pub(crate) const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_MIN_REPLICAS: u32 = 64;
 /// The default Redis port.
 const DEFAULT_PORT: u16 = 6379;
+/// The default Sentinel port.
+#[cfg(feature = "redis-sentinel")]
+const DEFAULT_SENTINEL_PORT: u16 = 26379;
 
 /// A parsed `redis://` or `rediss://` URL. Its `Debug` output never shows the password.
 #[derive(Clone)]
@@ -63,19 +73,50 @@ pub(crate) struct RedisConfig {
     /// `redis+cluster://`: one `redis://` (or `rediss://`) URL per seed node, with the
     /// credentials. Contain the password: never print.
     pub(crate) cluster: Option<Vec<String>>,
+    /// `redis+sentinel://`: the Sentinels and the primary's name.
+    #[cfg(feature = "redis-sentinel")]
+    pub(crate) sentinel: Option<SentinelConfig>,
+}
+
+/// The Sentinel part of a `redis+sentinel://` URL. Its `Debug` output never shows the password.
+#[cfg(feature = "redis-sentinel")]
+#[derive(Clone)]
+pub(crate) struct SentinelConfig {
+    /// Host and port of each Sentinel, in the URL's order.
+    pub(crate) sentinels: Vec<(String, u16)>,
+    /// The name under which the Sentinels monitor the primary.
+    pub(crate) master: String,
+    /// `sentinel_user`.
+    pub(crate) user: Option<String>,
+    /// `sentinel_password`: never print.
+    pub(crate) password: Option<String>,
+}
+
+#[cfg(feature = "redis-sentinel")]
+impl fmt::Debug for SentinelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelConfig")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("url", &self.redacted)
+        let mut out = f.debug_struct("RedisConfig");
+        out.field("url", &self.redacted)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("tls_ca", &self.tls_ca.as_ref().map(|(path, _)| path))
             .field("min_replicas", &self.min_replicas)
             .field("replica_timeout", &self.replica_timeout)
-            .field("cluster_seeds", &self.cluster.as_ref().map(Vec::len))
-            .finish()
+            .field("cluster_seeds", &self.cluster.as_ref().map(Vec::len));
+        #[cfg(feature = "redis-sentinel")]
+        out.field("sentinel", &self.sentinel);
+        out.finish()
     }
 }
 
@@ -172,6 +213,134 @@ impl RedisConfig {
         first.set_query(Some(query).filter(|q| !q.is_empty()));
         let mut config = RedisConfig::parse(&first, redacted)?;
         config.cluster = Some(nodes);
+        Ok(config)
+    }
+
+    /// Parses a `redis+sentinel://` or `rediss+sentinel://` URL (a list of Sentinels, which the
+    /// `url` crate cannot parse, then the primary's name and the database).
+    #[cfg(feature = "redis-sentinel")]
+    pub(crate) fn from_sentinel_str(raw: &str) -> Result<Self> {
+        let redacted = redact(raw);
+        let example =
+            "redis+sentinel://:password@10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/mymaster";
+        let (scheme, rest) = match raw.split_once("://") {
+            Some((s, rest)) if s.eq_ignore_ascii_case("redis+sentinel") => ("redis", rest),
+            Some((s, rest)) if s.eq_ignore_ascii_case("rediss+sentinel") => ("rediss", rest),
+            _ => {
+                return Err(invalid(format!(
+                    "{redacted} is not a Redis Sentinel URL; write {example} (rediss+sentinel:// for TLS)"
+                )));
+            }
+        };
+        if rest.contains('#') {
+            return Err(invalid(format!(
+                "{redacted} has a #fragment, which fenced does not use (certificate checks cannot be turned \
+                 off); remove it, and trust a private CA with ?tls_ca=/path/ca.pem instead"
+            )));
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (credentials, hosts) = match authority.rsplit_once('@') {
+            Some((credentials, hosts)) => (Some(credentials), hosts),
+            None => (None, authority),
+        };
+        if credentials.is_some_and(|c| c.contains(['@', ','])) {
+            return Err(invalid(format!(
+                "{redacted} gives credentials more than once or has an unencoded @ or , in them; give the data \
+                 nodes' user:password once, before the first Sentinel (percent-encoded), and the Sentinels' own \
+                 as ?sentinel_user=&sentinel_password=, as in {example}"
+            )));
+        }
+        let sentinels = host_list(scheme, hosts, DEFAULT_SENTINEL_PORT, &redacted, example)?;
+
+        // `/<primary name>[/<db>]`
+        let mut segments = path.strip_prefix('/').unwrap_or(path).split('/');
+        let name = segments.next().unwrap_or("");
+        let db = segments.next().filter(|db| !db.is_empty());
+        if segments.next().is_some_and(|s| !s.is_empty()) {
+            return Err(invalid(format!(
+                "the path of {redacted} has more than a primary name and a database number; write {example}/0"
+            )));
+        }
+        let master = percent_encoding::percent_decode_str(name)
+            .decode_utf8()
+            .map_err(|_| {
+                invalid(format!(
+                    "the primary name in {redacted} is not valid UTF-8 once percent-decoded; percent-encode it \
+                     correctly"
+                ))
+            })?
+            .into_owned();
+        if master.is_empty() || master.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(invalid(format!(
+                "{redacted} names no primary: the path must be the name under which the Sentinels monitor it \
+                 (sentinel monitor <name> …; SENTINEL MASTERS lists them), as in {example}"
+            )));
+        }
+        if db.is_some_and(|db| db.parse::<u32>().is_err()) {
+            return Err(invalid(format!(
+                "the database in {redacted} must be a number, as in {example}/0; remove {:?} or replace it \
+                 with a number",
+                db.unwrap_or("")
+            )));
+        }
+
+        // The Sentinels' credentials are ours; the rest goes to the single-node parser.
+        let mut user = None;
+        let mut password = None;
+        let mut others = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let Some((name, value)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
+                continue;
+            };
+            let slot = match name.as_ref() {
+                "sentinel_user" => &mut user,
+                "sentinel_password" => &mut password,
+                "prefix" | "timeout" | "tls_ca" | "min_replicas" | "replica_timeout" => {
+                    others.push(pair);
+                    continue;
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "unknown parameter {name:?} in {redacted}; known parameters for {scheme}+sentinel://: \
+                         prefix, timeout, tls_ca, min_replicas, replica_timeout, sentinel_user, sentinel_password"
+                    )));
+                }
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(invalid(format!(
+                    "parameter {name} is given twice in {redacted}; keep one"
+                )));
+            }
+        }
+
+        // The data nodes' URL as a single server's, on the first Sentinel's address (which only
+        // the checks see: the primary's address comes from the Sentinels).
+        let (host, port) = &sentinels[0];
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let node = format!(
+            "{scheme}://{}{host}:{port}/{}{}{}",
+            credentials.map(|c| format!("{c}@")).unwrap_or_default(),
+            db.unwrap_or("0"),
+            if others.is_empty() { "" } else { "?" },
+            others.join("&")
+        );
+        let node = url::Url::parse(&node).map_err(|_| {
+            invalid(format!(
+                "{redacted} is not a valid Redis Sentinel URL; write {example}"
+            ))
+        })?;
+        let mut config = RedisConfig::parse(&node, redacted)?;
+        config.sentinel = Some(SentinelConfig {
+            sentinels,
+            master,
+            user: user.filter(|u| !u.is_empty()),
+            password: password.filter(|p| !p.is_empty()),
+        });
         Ok(config)
     }
 
@@ -277,7 +446,7 @@ impl RedisConfig {
             Some(_) if !tls => {
                 return Err(invalid(format!(
                     "tls_ca applies to TLS connections only, but {redacted} is not one; use rediss:// (or \
-                     rediss+cluster://) to connect with TLS, or remove tls_ca"
+                     rediss+cluster://, rediss+sentinel://) to connect with TLS, or remove tls_ca"
                 )));
             }
             Some(path) => Some(crate::url::read_ca(PathBuf::from(path))?),
@@ -302,8 +471,57 @@ impl RedisConfig {
             min_replicas: min_replicas.unwrap_or(0),
             replica_timeout,
             cluster: None,
+            #[cfg(feature = "redis-sentinel")]
+            sentinel: None,
         })
     }
+}
+
+/// The `host[:port]` entries of a comma-separated list (Sentinels), each once, with `port` as
+/// the default port.
+#[cfg(feature = "redis-sentinel")]
+fn host_list(
+    scheme: &str,
+    hosts: &str,
+    port: u16,
+    redacted: &str,
+    example: &str,
+) -> Result<Vec<(String, u16)>> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for host in hosts.split(',') {
+        if host.is_empty() {
+            return Err(invalid(format!(
+                "{redacted} has an empty host entry; write {example}"
+            )));
+        }
+        let parsed = url::Url::parse(&format!("{scheme}://{host}"))
+            .ok()
+            .filter(|u| {
+                u.host_str().is_some_and(|h| !h.is_empty())
+                    && u.path().trim_matches('/').is_empty()
+                    && u.username().is_empty()
+            })
+            .ok_or_else(|| {
+                invalid(format!(
+                    "the Sentinel {host:?} in {redacted} is not host:port; write {example}"
+                ))
+            })?;
+        let host = parsed.host_str().unwrap_or("");
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_ascii_lowercase();
+        let address = (host, parsed.port().unwrap_or(port));
+        if out.contains(&address) {
+            return Err(invalid(format!(
+                "{redacted} names the Sentinel {}:{} twice; name each Sentinel once",
+                address.0, address.1
+            )));
+        }
+        out.push(address);
+    }
+    Ok(out)
 }
 
 fn check_prefix(prefix: &str, redacted: &str) -> Result<()> {
@@ -432,6 +650,81 @@ mod tests {
             ("redis+clusterx://:hunter2@h:1", "not a Redis Cluster URL"),
         ] {
             let e = RedisConfig::from_cluster_str(url).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{url}");
+            let text = e.to_string();
+            assert!(text.contains(expect), "{url}: {text}");
+            assert!(!text.contains("hunter2"), "{url}: {text}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "redis-sentinel")]
+    fn sentinel_urls() {
+        let c = RedisConfig::from_sentinel_str(
+            "redis+sentinel://app:p%40ss@10.0.0.1,Sentinel-2:26380,[::1]:5/my%2Dprimary/3?prefix=app&min_replicas=1&sentinel_password=s%26cret&sentinel_user=watch",
+        )
+        .unwrap();
+        let s = c.sentinel.as_ref().unwrap();
+        assert_eq!(
+            s.sentinels,
+            [
+                ("10.0.0.1".to_owned(), 26379),
+                ("sentinel-2".to_owned(), 26380),
+                ("::1".to_owned(), 5)
+            ]
+        );
+        assert_eq!(s.master, "my-primary");
+        assert_eq!(
+            (s.user.as_deref(), s.password.as_deref()),
+            (Some("watch"), Some("s&cret"))
+        );
+        assert_eq!((c.prefix.as_str(), c.min_replicas), ("app", 1));
+        assert_eq!(c.password.as_deref(), Some("p@ss"));
+        assert!(c.target.ends_with("/3"), "{}", c.target);
+        assert!(!c.tls);
+        let shown = format!("{c:?} {}", c.redacted);
+        assert!(
+            !shown.contains("p%40ss") && !shown.contains("s%26cret") && !shown.contains("s&cret"),
+            "{shown}"
+        );
+
+        let c = RedisConfig::from_sentinel_str("REDISS+SENTINEL://h/primary").unwrap();
+        assert!(c.tls);
+        assert!(c.target.ends_with("/0"), "{}", c.target);
+        assert_eq!(c.sentinel.unwrap().sentinels, [("h".to_owned(), 26379)]);
+
+        for (url, expect) in [
+            ("redis+sentinel://:hunter2@h:1,h:1/m", "twice"),
+            ("redis+sentinel://:hunter2@h:1,,h:2/m", "empty host"),
+            ("redis+sentinel://:hunter2@h:1,h:x/m", "not host:port"),
+            ("redis+sentinel://:hunter2@h:1,h:2", "names no primary"),
+            ("redis+sentinel://:hunter2@h:1,h:2/", "names no primary"),
+            ("redis+sentinel://:hunter2@h:1/m/zero", "must be a number"),
+            ("redis+sentinel://:hunter2@h:1/m/0/x", "more than"),
+            (
+                "redis+sentinel://:hunter2@h:1,:other@h:2/m",
+                "more than once",
+            ),
+            (
+                "redis+sentinel://:hunter2@h:1/m?prefx=a",
+                "unknown parameter",
+            ),
+            (
+                "redis+sentinel://:hunter2@h:1/m?sentinel_password=hunter2&sentinel_password=hunter2",
+                "twice",
+            ),
+            ("redis+sentinel://:hunter2@h:1/m?timeout=0s", "out of range"),
+            (
+                "redis+sentinel://:hunter2@h:1/m?tls_ca=/ca.pem",
+                "rediss+sentinel://",
+            ),
+            ("redis+sentinel://:hunter2@h:1/m#x", "fragment"),
+            (
+                "redis+sentinelx://:hunter2@h:1/m",
+                "not a Redis Sentinel URL",
+            ),
+        ] {
+            let e = RedisConfig::from_sentinel_str(url).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{url}");
             let text = e.to_string();
             assert!(text.contains(expect), "{url}: {text}");

@@ -2,6 +2,8 @@
 
 mod config;
 mod scripts;
+#[cfg(feature = "redis-sentinel")]
+mod sentinel;
 mod wait;
 
 use std::borrow::Cow;
@@ -26,9 +28,11 @@ use config::RedisConfig;
 use wait::Notifier;
 
 /// The Redis / Valkey backend: one server (`redis://`, `rediss://`) or, with the cargo feature
-/// `redis-cluster`, a Redis Cluster (`redis+cluster://`, `rediss+cluster://`). Cheap to clone;
-/// clones share one command connection and one pub/sub connection (on a cluster: one cluster
-/// connection, which also carries the sharded subscriptions).
+/// `redis-cluster`, a Redis Cluster (`redis+cluster://`, `rediss+cluster://`), or with the cargo
+/// feature `redis-sentinel`, the primary that Sentinels name (`redis+sentinel://`,
+/// `rediss+sentinel://`). Cheap to clone; clones share one command connection and one pub/sub
+/// connection (on a cluster: one cluster connection, which also carries the sharded
+/// subscriptions).
 ///
 /// Usually built through [`connect`](crate::connect); see the [module docs](self) for the URL
 /// parameters and for what this backend does and does not guarantee.
@@ -54,13 +58,16 @@ struct Inner {
 }
 
 /// The command connection: one server through a connection manager, or a cluster connection,
-/// which routes each command by its key's slot and follows `MOVED` and `ASK` redirections.
-/// Everything else (scripts, key names, replies) is the same for both.
+/// which routes each command by its key's slot and follows `MOVED` and `ASK` redirections, or
+/// the connection manager of the primary that the Sentinels name, replaced when it moves.
+/// Everything else (scripts, key names, replies) is the same for all.
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     #[cfg(feature = "redis-cluster")]
     Cluster(redis::cluster_async::ClusterConnection),
+    #[cfg(feature = "redis-sentinel")]
+    Sentinel(sentinel::Primary),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -69,6 +76,8 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Single(conn) => conn.req_packed_command(cmd),
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(conn) => conn.req_packed_command(cmd),
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(conn) => conn.req_packed_command(cmd),
         }
     }
 
@@ -82,6 +91,8 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -90,6 +101,8 @@ impl redis::aio::ConnectionLike for Conn {
             Conn::Single(conn) => conn.get_db(),
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(conn) => conn.get_db(),
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(conn) => conn.get_db(),
         }
     }
 }
@@ -136,7 +149,8 @@ pub struct RedisKeyNames {
 
 impl RedisBackend {
     /// Connects to the server named by `url` (`redis://…` or `rediss://…`; with the cargo
-    /// feature `redis-cluster` also `redis+cluster://…` or `rediss+cluster://…`; see the
+    /// feature `redis-cluster` also `redis+cluster://…` or `rediss+cluster://…`, with the cargo
+    /// feature `redis-sentinel` also `redis+sentinel://…` or `rediss+sentinel://…`; see the
     /// [module docs](self) for the parameters).
     ///
     /// Connecting is eager: an unreachable server, a TLS problem or a wrong password fails here,
@@ -158,6 +172,10 @@ impl RedisBackend {
         if is_cluster_url(url) {
             return RedisBackend::from_cluster_str(url).await;
         }
+        #[cfg(feature = "redis-sentinel")]
+        if sentinel::is_sentinel_url(url) {
+            return RedisBackend::from_sentinel_str(url).await;
+        }
         let parsed = crate::url::parse(url)?;
         RedisBackend::from_url(&parsed).await
     }
@@ -175,23 +193,7 @@ impl RedisBackend {
         // The pub/sub connection first: it checks the address, TLS and the credentials once,
         // without the retries of the connection manager.
         let pubsub = open_pubsub(&client, &context).await?;
-
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
-        let conn = match tokio::time::timeout(
-            timeout,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(context.error(Operation::Connect, &e)),
-            Err(_) => return Err(context.timed_out(Operation::Connect)),
-        };
+        let conn = open_manager(&client, &context).await?;
 
         let reconnect: wait::Connect = {
             let context = context.clone();
@@ -277,6 +279,8 @@ impl RedisBackend {
             Conn::Single(_) => false,
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(_) => true,
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(_) => false,
         }
     }
 
@@ -378,6 +382,27 @@ fn is_cluster_url(raw: &str) -> bool {
     })
 }
 
+/// Opens the command connection (a connection manager, which reconnects) within the timeout.
+async fn open_manager(client: &redis::Client, context: &Context) -> Result<ConnectionManager> {
+    let timeout = context.config.timeout;
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_secs(1));
+    match tokio::time::timeout(
+        timeout,
+        ConnectionManager::new_with_config(client.clone(), manager_config),
+    )
+    .await
+    {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(context.error(Operation::Connect, &e)),
+        Err(_) => Err(context.timed_out(Operation::Connect)),
+    }
+}
+
 /// Opens and checks (`PING`) a pub/sub connection within the timeout.
 async fn open_pubsub(client: &redis::Client, context: &Context) -> Result<PubSub> {
     let open = async {
@@ -395,27 +420,27 @@ async fn open_pubsub(client: &redis::Client, context: &Context) -> Result<PubSub
 
 impl Context {
     fn client(&self) -> Result<redis::Client> {
+        self.client_at(&self.config.target)
+    }
+
+    /// A client for the server at `target`, a `redis://` URL (with the credentials).
+    fn client_at(&self, target: &str) -> Result<redis::Client> {
         use redis::IntoConnectionInfo as _;
-        let built = self
-            .config
-            .target
-            .as_str()
-            .into_connection_info()
-            .and_then(|info| {
-                // No `CLIENT SETINFO` on every connect: one round trip and two commands less.
-                let settings = info.redis_settings().clone().set_skip_set_lib_name();
-                let info = info.set_redis_settings(settings);
-                match &self.config.tls_ca {
-                    Some((_, pem)) => redis::Client::build_with_tls(
-                        info,
-                        redis::TlsCertificates {
-                            client_tls: None,
-                            root_cert: Some(pem.clone()),
-                        },
-                    ),
-                    None => redis::Client::open(info),
-                }
-            });
+        let built = target.into_connection_info().and_then(|info| {
+            // No `CLIENT SETINFO` on every connect: one round trip and two commands less.
+            let settings = info.redis_settings().clone().set_skip_set_lib_name();
+            let info = info.set_redis_settings(settings);
+            match &self.config.tls_ca {
+                Some((_, pem)) => redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    },
+                ),
+                None => redis::Client::open(info),
+            }
+        });
         built.map_err(|e| {
             Error::new(
                 ErrorKind::InvalidConfig,
@@ -429,12 +454,22 @@ impl Context {
         })
     }
 
-    /// `text` with the password replaced by `***`.
+    /// `text` with the password (and the Sentinels' password) replaced by `***`.
     fn scrub(&self, text: &str) -> String {
-        match self.config.password.as_deref() {
+        let text = match self.config.password.as_deref() {
             Some(password) if !password.is_empty() => text.replace(password, "***"),
             _ => text.to_owned(),
+        };
+        #[cfg(feature = "redis-sentinel")]
+        if let Some(password) = self
+            .config
+            .sentinel
+            .as_ref()
+            .and_then(|s| s.password.as_deref())
+        {
+            return text.replace(password, "***");
         }
+        text
     }
 
     fn timed_out(&self, operation: Operation) -> Error {
@@ -747,10 +782,12 @@ fn lease_ms(lease: Duration) -> u64 {
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
-        if self.is_cluster() {
-            "redis-cluster"
-        } else {
-            "redis"
+        match self.inner.conn {
+            Conn::Single(_) => "redis",
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(_) => "redis-cluster",
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(_) => "redis-sentinel",
         }
     }
 
@@ -923,6 +960,8 @@ impl RedisBackend {
     async fn scan_nodes(&self) -> Result<Vec<Option<NodeAddr>>> {
         match &self.inner.conn {
             Conn::Single(_) => Ok(vec![None]),
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(_) => Ok(vec![None]),
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(conn) => {
                 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
@@ -981,6 +1020,8 @@ impl RedisBackend {
                 let _ = lock;
                 wait.query_async::<i64>(&mut conn.clone()).await
             }
+            #[cfg(feature = "redis-sentinel")]
+            Conn::Sentinel(conn) => wait.query_async::<i64>(&mut conn.clone()).await,
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(conn) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};

@@ -82,6 +82,8 @@ struct Shared {
     state: Mutex<State>,
     /// Tells the task that the set of watched channels changed.
     wake: Notify,
+    /// Tells the task to drop its connection and open another (Sentinel: the primary moved).
+    reconnect: Notify,
     timeout: Duration,
 }
 
@@ -121,6 +123,7 @@ impl Notifier {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            reconnect: Notify::new(),
             timeout,
         });
         let task = tokio::spawn(run(shared.clone(), first, connect));
@@ -199,15 +202,38 @@ impl Notifier {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
+            reconnect: Notify::new(),
             timeout,
         });
         let task = tokio::spawn(cluster::run(shared.clone(), conn, pushes));
         Notifier { shared, task }
     }
 
+    /// A handle that makes the task drop its pub/sub connection and open the next one through
+    /// its `connect` (Sentinel: the primary moved); once every watched channel is subscribed
+    /// there, every waiter is woken, as after any reconnect.
+    #[cfg(feature = "redis-sentinel")]
+    pub(crate) fn reconnector(&self) -> Reconnector {
+        Reconnector(Arc::downgrade(&self.shared))
+    }
+
     /// How many channels are subscribed on the current connection (for diagnostics and tests).
     pub(crate) fn subscribed_channels(&self) -> usize {
         self.shared.state().subscribed.len()
+    }
+}
+
+/// See [`Notifier::reconnector`].
+#[cfg(feature = "redis-sentinel")]
+pub(crate) struct Reconnector(std::sync::Weak<Shared>);
+
+#[cfg(feature = "redis-sentinel")]
+impl Reconnector {
+    /// Reconnects now (or, while a connection is being opened, right after it).
+    pub(crate) fn reconnect(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.reconnect.notify_one();
+        }
     }
 }
 
@@ -343,6 +369,7 @@ async fn session(
         }
         tokio::select! {
             _ = shared.wake.notified() => {}
+            _ = shared.reconnect.notified() => return "asked to reconnect (the primary moved)".to_owned(),
             message = next_message(stream) => match message {
                 Some(message) => {
                     let state = shared.state();
@@ -367,7 +394,7 @@ async fn session(
 }
 
 /// The next message of the connection; `None` once it is closed.
-async fn next_message(stream: &mut PubSubStream) -> Option<redis::Msg> {
+pub(super) async fn next_message(stream: &mut PubSubStream) -> Option<redis::Msg> {
     use futures_core::Stream as _;
     std::future::poll_fn(|cx| std::pin::Pin::new(&mut *stream).poll_next(cx)).await
 }
