@@ -18,12 +18,12 @@
 //!   moves the backend away from a node that still serves as primary. Checks are at most one per
 //!   [`LOOKUP_GAP`];
 //! - when a Sentinel announces `+switch-master` for the name: a background task subscribes to it
-//!   on one Sentinel at a time (starting at a random one, then the next one whenever that
-//!   connection fails, checked by a `PING`
-//!   every [`PING_EVERY`](super::wait::PING_EVERY)) and moves to the announced address at once. A
-//!   graceful failover leaves the old primary writable until the Sentinels turn it into a replica
-//!   (some seconds later), so an error would come late. After subscribing, the task checks the
-//!   primary as after a failed command, since an announcement may have been missed meanwhile.
+//!   on one Sentinel at a time (a random one first, then the next one whenever that connection
+//!   fails, which a `PING` every [`PING_EVERY`](super::wait::PING_EVERY) finds out) and moves to
+//!   the announced address at once. A graceful failover leaves the old primary writable until the
+//!   Sentinels turn it into a replica (some seconds later), so an error would come late. After
+//!   subscribing, the task checks the primary as after a failed command, since an announcement
+//!   may have been missed meanwhile.
 //!
 //! A move is checked before it is made (`ROLE` on the new node says primary). After it, the
 //! pub/sub task drops its connection and subscribes again on the new primary, then wakes every
