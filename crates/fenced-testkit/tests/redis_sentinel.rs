@@ -5,8 +5,9 @@
 //!
 //! Besides the suite: bad input fails clearly and never shows a password (no primary name, a name
 //! the Sentinels do not know, no Sentinel reachable, a data node or a Sentinel password refused,
-//! a data node listed as a Sentinel); `rediss+sentinel://` talks TLS to a Sentinel and a primary
-//! of the check's own; and the client follows its primary through a graceful failover
+//! a data node listed as a Sentinel); the Sentinels' password is theirs (`sentinel_password`) and
+//! the data nodes' is theirs; `rediss+sentinel://` talks TLS to a Sentinel and a primary of the
+//! check's own; and the client follows its primary through a graceful failover
 //! (`SENTINEL FAILOVER`) and a crash (kill -9) of a group the check starts itself — the shared
 //! group is never failed over here, other tests use it at the same time.
 #![cfg(feature = "redis-sentinel")]
@@ -472,6 +473,77 @@ async fn bad_input_is_clear_and_never_shows_a_password() {
     // Both passwords are hidden by redaction.
     let shown = fenced::redact("redis+sentinel://:hunter2@h1,h2/m?sentinel_password=hunter2");
     assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_credentials_are_their_own() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The data node takes one password, the Sentinel another (each set once it answers).
+    let primary = RedisProcess::start(&dir.path().join("primary"), None).await;
+    let set = primary
+        .cli(&["CONFIG", "SET", "requirepass", "data-pw"])
+        .await;
+    assert_eq!(set.trim(), "OK", "requirepass on the data node");
+    let auth_pass = format!("sentinel auth-pass {NAME} data-pw");
+    let sentinel = start_sentinel(
+        &dir.path().join("sentinel"),
+        NAME,
+        primary.port,
+        &[&auth_pass],
+    )
+    .await;
+    let set = sentinel
+        .cli(&["ACL", "SETUSER", "default", "resetpass", ">sentinel-pw"])
+        .await;
+    assert_eq!(set.trim(), "OK", "a password on the Sentinel");
+    let base = format!(
+        "redis+sentinel://:data-pw@127.0.0.1:{}/{NAME}",
+        sentinel.port
+    );
+    let client = client(&format!("{base}?sentinel_password=sentinel-pw")).await;
+    // The backend's +switch-master subscription got in with the Sentinel's password too.
+    within(10, "the backend subscribed on the Sentinel", async {
+        while !sentinel
+            .cli(&["-a", "sentinel-pw", "--no-auth-warning", "CLIENT", "LIST"])
+            .await
+            .contains("sub=1")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let key = unique_key("sentinel-credentials");
+    client
+        .lock(&key)
+        .await
+        .expect("a grant through a Sentinel with a password")
+        .release()
+        .await
+        .expect("release");
+
+    // Without the Sentinel's password: the error says where the password goes.
+    let e = fenced::connect(&base)
+        .await
+        .expect_err("connected without the Sentinel's password");
+    let text = e.to_string();
+    assert!(text.contains("sentinel_password"), "{text}");
+    assert!(
+        !text.contains("data-pw") && !text.contains("sentinel-pw"),
+        "{text}"
+    );
+    // A wrong one: refused, and not shown.
+    let e = fenced::connect(&format!("{base}?sentinel_password=not-it-4321"))
+        .await
+        .expect_err("connected with a wrong Sentinel password");
+    let text = format!("{e} {e:?}");
+    assert!(
+        text.contains("refused sentinel_user/sentinel_password"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("not-it-4321") && !text.contains("data-pw"),
+        "{text}"
+    );
 }
 
 /// A throwaway CA and a certificate for localhost/127.0.0.1 in `dir` (`ca.crt`, `server.crt`,
