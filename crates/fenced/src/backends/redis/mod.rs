@@ -855,7 +855,7 @@ impl Backend for RedisBackend {
                     format!(
                         "extension not confirmed (replication): {acked} of the {} replicas asked for \
                          (min_replicas) acknowledged it on {} within {:?}; the lock keeps its earlier deadline",
-                        config.min_replicas, config.redacted, config.replica_timeout
+                        config.min_replicas, config.redacted, self.replica_wait()
                     ),
                 )
                 .transient(true)
@@ -1160,7 +1160,7 @@ impl RedisBackend {
                 "not acquired (replication): {acked} of the {} replicas asked for (min_replicas) acknowledged \
                  the grant on {} within {:?}; the grant was given back. Check the replicas (INFO replication), \
                  or lower min_replicas",
-                config.min_replicas, config.redacted, config.replica_timeout
+                config.min_replicas, config.redacted, self.replica_wait()
             ),
         )
         .transient(true)
@@ -1176,9 +1176,9 @@ impl RedisBackend {
             return Ok(None);
         }
         let wanted = config.min_replicas;
-        let wait_ms = u64::try_from(config.replica_timeout.as_millis()).unwrap_or(u64::MAX);
+        let wait_ms = u64::try_from(self.replica_wait().as_millis()).unwrap_or(u64::MAX);
         let acked = tokio::time::timeout(
-            config.replica_timeout + config.timeout,
+            self.replica_wait() + config.timeout,
             self.wait_replicas(lock, wanted, wait_ms),
         )
         .await;
@@ -1188,6 +1188,15 @@ impl RedisBackend {
             Ok(Err(e)) => Err(self.inner.context.error(Operation::Admin, &e)),
             Err(_) => Ok(Some("no answer".to_owned())),
         }
+    }
+
+    /// How long a `WAIT` may take: `replica_timeout`, but at most 3/4 of `timeout`. `WAIT`
+    /// blocks the connection it is sent on, whose replies the client awaits for at most
+    /// `timeout`: a longer one would be cut, and the give-back of a refused grant would queue
+    /// behind it, time out too and leave the grant until its lease ends.
+    fn replica_wait(&self) -> Duration {
+        let config = &self.inner.context.config;
+        config.replica_timeout.min(config.timeout * 3 / 4)
     }
 
     /// Reads the reply of the extend and release scripts.

@@ -22,7 +22,16 @@
 //! between), and when a node drops a subscription (`sunsubscribe` after its slot moved) the task
 //! subscribes that channel again (the cluster routes it to the new owner) and wakes its waiters.
 //! A re-subscription that the library made on its own (an `ssubscribe` confirmation for a
-//! channel already subscribed) wakes that channel's waiters too.
+//! channel already subscribed) wakes that channel's waiters too. The library can also drop a
+//! node connection, and the subscriptions on it, without any push (while it refreshes the slot
+//! map after a failover, a connection it opened for a redirection replaces the one it had just
+//! re-subscribed), so every [`PING_EVERY`] while anything is subscribed the task checks them:
+//! `CLIENT INFO` through the connection each channel is routed to counts that connection's
+//! shard subscriptions (`ssub`), and the channels of a connection that counts fewer than it
+//! should are subscribed again, and their waiters woken once that is confirmed. Such wake-ups
+//! wait until the channel's slot is served (a `PTTL` of the channel's name answers): while a
+//! primary is down, the library confirms subscriptions from its replica, and a waiter woken
+//! before that replica is promoted would only meet errors and could use up its retries.
 //!
 //! If a subscription cannot be confirmed within the command timeout (server unreachable,
 //! or the Redis user may not subscribe), the watch still works in a degraded way: it also wakes
@@ -486,14 +495,16 @@ async fn reconcile(shared: &Shared, sink: &mut PubSubSink) -> std::result::Resul
 /// The task of a Redis Cluster backend (see the module docs).
 #[cfg(feature = "redis-cluster")]
 mod cluster {
+    use std::collections::HashMap;
     use std::sync::Arc;
 
     use redis::cluster_async::ClusterConnection;
+    use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
     use redis::{PushInfo, PushKind, Value};
     use tokio::sync::mpsc::UnboundedReceiver;
     use tracing::debug;
 
-    use super::{Shared, backoff_delay, bump, confirmed, plan};
+    use super::{PING_EVERY, Shared, backoff_delay, bump, confirmed, plan};
 
     pub(super) async fn run(
         shared: Arc<Shared>,
@@ -501,6 +512,9 @@ mod cluster {
         mut pushes: UnboundedReceiver<PushInfo>,
     ) {
         let mut failures: u32 = 0;
+        let mut check = tokio::time::interval(PING_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.reset();
         loop {
             let wait = match reconcile(&shared, &mut conn).await {
                 Ok(()) => {
@@ -530,6 +544,11 @@ mod cluster {
                         // The cluster connection is gone (the backend was dropped).
                         None => return,
                     },
+                    _ = check.tick() => {
+                        if lost_subscriptions(&shared, &mut conn).await {
+                            break;
+                        }
+                    }
                 }
             }
         }
@@ -566,21 +585,110 @@ mod cluster {
             }
         }
         confirmed(shared, done);
-        let mut state = shared.state();
-        let state = &mut *state;
-        let back: Vec<Arc<str>> = state
-            .rebump
-            .iter()
-            .filter(|c| state.subscribed.contains(*c) || !state.channels.contains_key(*c))
-            .cloned()
-            .collect();
+        let back: Vec<Arc<str>> = {
+            let state = shared.state();
+            state
+                .rebump
+                .iter()
+                .filter(|c| state.subscribed.contains(*c) || !state.channels.contains_key(*c))
+                .cloned()
+                .collect()
+        };
         for channel in back {
+            if shared.state().channels.contains_key(&channel)
+                && let Err(e) = slot_served(conn, &channel, timeout).await
+            {
+                problem.get_or_insert(e);
+                continue;
+            }
+            let mut state = shared.state();
             state.rebump.remove(&channel);
             if let Some(entry) = state.channels.get(&channel) {
                 bump(entry);
             }
         }
         problem.map_or(Ok(()), Err)
+    }
+
+    /// Whether `channel`'s slot is served, asked with a read of the channel's own name as a key
+    /// (`PTTL`: no such key, but the same slot), routed like the lock's commands: waiters are
+    /// woken after a lost subscription only once it is. While a primary is down and before its
+    /// replica is promoted, the library can confirm a subscription from that replica (its
+    /// fallback for commands that replicas serve), and waiters woken then would only meet
+    /// errors, and could use up their retries on them.
+    async fn slot_served(
+        conn: &mut ClusterConnection,
+        channel: &str,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<(), String> {
+        let mut probe = redis::cmd("PTTL");
+        probe.arg(channel);
+        match tokio::time::timeout(timeout, probe.query_async::<Value>(conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("the slot of {channel} is not served: {e}")),
+            Err(_) => Err(format!(
+                "the slot of {channel} gave no answer within {timeout:?}"
+            )),
+        }
+    }
+
+    /// Whether subscriptions the task counts as confirmed are gone from the connections their
+    /// channels are routed to (see the module docs); those channels are then marked for
+    /// subscribing again and for waking their waiters once that is confirmed. A connection that
+    /// cannot answer is left to the reconnect handling.
+    async fn lost_subscriptions(shared: &Shared, conn: &mut ClusterConnection) -> bool {
+        let channels: Vec<Arc<str>> = shared.state().subscribed.iter().cloned().collect();
+        // "node address, connection id" → (its shard subscriptions, our channels routed there)
+        let mut connections: HashMap<String, (u64, Vec<Arc<str>>)> = HashMap::new();
+        for channel in channels {
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                Route::with_key(channel.as_bytes(), SlotAddr::Master),
+            ));
+            let info = redis::cmd("CLIENT").arg("INFO").clone();
+            let text = match tokio::time::timeout(shared.timeout, conn.route_command(info, route))
+                .await
+            {
+                Ok(Ok(Value::BulkString(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
+                Ok(Ok(Value::VerbatimString { text, .. } | Value::SimpleString(text))) => text,
+                other => {
+                    debug!(%channel, reply = ?other, "fenced: CLIENT INFO gave no answer to check subscriptions with");
+                    continue;
+                }
+            };
+            let field = |name: &str| {
+                text.split_whitespace()
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(str::to_owned)
+            };
+            let (Some(id), Some(laddr), Some(ssub)) = (
+                field("id="),
+                field("laddr="),
+                field("ssub=").and_then(|n| n.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            connections
+                .entry(format!("{laddr}, id {id}"))
+                .or_insert_with(|| (ssub, Vec::new()))
+                .1
+                .push(channel);
+        }
+        let mut state = shared.state();
+        let state = &mut *state;
+        let mut lost = false;
+        for (connection, (ssub, channels)) in connections {
+            if ssub >= channels.len() as u64 {
+                continue;
+            }
+            debug!(%connection, ssub, expected = channels.len(), "fenced: redis cluster subscriptions lost; subscribing again");
+            for channel in channels {
+                if state.subscribed.remove(&channel) {
+                    state.rebump.insert(channel);
+                    lost = true;
+                }
+            }
+        }
+        lost
     }
 
     /// One push message of the cluster connection.
@@ -599,10 +707,11 @@ mod cluster {
                 }
             }
             // The library subscribed again on its own (a reconnect, a slot move): releases may
-            // have been missed meanwhile.
+            // have been missed meanwhile, so the waiters are woken (once the slot is served).
             (PushKind::SSubscribe, Some(channel)) if state.subscribed.contains(channel) => {
-                if let Some(entry) = state.channels.get(channel) {
-                    bump(entry);
+                if let Some((name, _)) = state.channels.get_key_value(channel) {
+                    state.rebump.insert(name.clone());
+                    shared.wake.notify_one();
                 }
             }
             // A node dropped a subscription (its slot moved away): subscribe again, through the
@@ -613,13 +722,14 @@ mod cluster {
                     shared.wake.notify_one();
                 }
             }
-            // A node connection was lost: wake every waiter now, subscribe every channel again
-            // (the library would too, once it reconnects; doing it here does not depend on when),
-            // and wake them again once that is confirmed.
+            // A node connection was lost: subscribe every channel again (the library would too,
+            // once it reconnects; doing it here does not depend on when), and wake the waiters
+            // once that is confirmed. Not before: while the node is down (a primary that died,
+            // until its replica is promoted) a waiter woken now would only meet errors, and could
+            // use up its retries on them.
             (PushKind::Disconnection, _) => {
                 state.subscribed.clear();
-                for (name, entry) in &state.channels {
-                    bump(entry);
+                for name in state.channels.keys() {
                     state.rebump.insert(name.clone());
                 }
                 shared.wake.notify_one();
