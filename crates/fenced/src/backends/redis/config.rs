@@ -163,47 +163,21 @@ impl RedisConfig {
                  user:password once, before the first host (percent-encoded), as in {example}"
             )));
         }
-        let mut nodes = Vec::new();
-        let mut seen = Vec::new();
-        for host in hosts.split(',') {
-            if host.is_empty() {
-                return Err(invalid(format!(
-                    "{redacted} has an empty host entry; write {example}"
-                )));
-            }
-            let node = match credentials {
-                Some(credentials) => format!("{scheme}://{credentials}@{host}"),
-                None => format!("{scheme}://{host}"),
-            };
-            let mut parsed = url::Url::parse(&node)
-                .ok()
-                .filter(|u| {
-                    u.host_str().is_some_and(|h| !h.is_empty())
-                        && u.path().trim_matches('/').is_empty()
+        let nodes: Vec<String> =
+            host_list(scheme, hosts, DEFAULT_PORT, "seed node", &redacted, example)?
+                .into_iter()
+                .map(|(host, port)| {
+                    let host = if host.contains(':') {
+                        format!("[{host}]")
+                    } else {
+                        host
+                    };
+                    match credentials {
+                        Some(credentials) => format!("{scheme}://{credentials}@{host}:{port}"),
+                        None => format!("{scheme}://{host}:{port}"),
+                    }
                 })
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "the seed node {host:?} in {redacted} is not host:port; write {example}"
-                    ))
-                })?;
-            let address = (
-                parsed.host_str().unwrap_or("").to_ascii_lowercase(),
-                parsed.port().unwrap_or(DEFAULT_PORT),
-            );
-            if seen.contains(&address) {
-                return Err(invalid(format!(
-                    "{redacted} names the node {}:{} twice; name each seed node once",
-                    address.0, address.1
-                )));
-            }
-            seen.push(address);
-            if parsed.port().is_none() && parsed.set_port(Some(DEFAULT_PORT)).is_err() {
-                return Err(invalid(format!(
-                    "the seed node {host:?} in {redacted} cannot carry a port; write {example}"
-                )));
-            }
-            nodes.push(String::from(parsed));
-        }
+                .collect();
         // The parameters are those of the single-node URL, checked by the same code.
         let mut first = url::Url::parse(&nodes[0]).map_err(|_| {
             invalid(format!(
@@ -251,7 +225,17 @@ impl RedisConfig {
                  as ?sentinel_user=&sentinel_password=, as in {example}"
             )));
         }
-        let sentinels = host_list(scheme, hosts, DEFAULT_SENTINEL_PORT, &redacted, example)?;
+        let sentinels = host_list(
+            scheme,
+            hosts,
+            DEFAULT_SENTINEL_PORT,
+            "Sentinel",
+            &redacted,
+            example,
+        )?
+        .into_iter()
+        .map(|(host, port)| (host.to_ascii_lowercase(), port))
+        .collect::<Vec<_>>();
 
         // `/<primary name>[/<db>]`
         let mut segments = path.strip_prefix('/').unwrap_or(path).split('/');
@@ -477,13 +461,15 @@ impl RedisConfig {
     }
 }
 
-/// The `host[:port]` entries of a comma-separated list (Sentinels), each once, with `port` as
-/// the default port.
-#[cfg(feature = "redis-sentinel")]
+/// The `host[:port]` entries of a comma-separated list (Cluster seed nodes, Sentinels), each
+/// once (hosts compared without case, returned as written), with `port` as the default port;
+/// `role` names an entry in messages.
+#[cfg(any(feature = "redis-cluster", feature = "redis-sentinel"))]
 fn host_list(
     scheme: &str,
     hosts: &str,
     port: u16,
+    role: &str,
     redacted: &str,
     example: &str,
 ) -> Result<Vec<(String, u16)>> {
@@ -503,7 +489,7 @@ fn host_list(
             })
             .ok_or_else(|| {
                 invalid(format!(
-                    "the Sentinel {host:?} in {redacted} is not host:port; write {example}"
+                    "the {role} {host:?} in {redacted} is not host:port; write {example}"
                 ))
             })?;
         let host = parsed.host_str().unwrap_or("");
@@ -511,11 +497,14 @@ fn host_list(
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host)
-            .to_ascii_lowercase();
+            .to_owned();
         let address = (host, parsed.port().unwrap_or(port));
-        if out.contains(&address) {
+        if out
+            .iter()
+            .any(|(h, p)| h.eq_ignore_ascii_case(&address.0) && *p == address.1)
+        {
             return Err(invalid(format!(
-                "{redacted} names the Sentinel {}:{} twice; name each Sentinel once",
+                "{redacted} names the {role} {}:{} twice; name each {role} once",
                 address.0, address.1
             )));
         }
