@@ -159,13 +159,7 @@ impl Group {
 
     /// Kills the data node on `port` (SIGKILL) and forgets it.
     async fn kill(&mut self, port: u16) {
-        let at = self
-            .nodes
-            .iter()
-            .position(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no running node on port {port}"));
-        let mut node = self.nodes.remove(at);
-        node.child.kill().await.expect("kill the node");
+        support::kill_node(&mut self.nodes, port).await;
     }
 }
 

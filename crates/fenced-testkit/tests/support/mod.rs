@@ -491,12 +491,16 @@ impl RedisCluster {
 
     /// Kills the node on `port` (SIGKILL) and forgets it.
     pub(crate) async fn kill(&mut self, port: u16) {
-        let at = self
-            .nodes
-            .iter()
-            .position(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no running node on port {port}"));
-        let mut node = self.nodes.remove(at);
-        node.child.kill().await.expect("kill the node");
+        kill_node(&mut self.nodes, port).await;
     }
+}
+
+/// Kills the node of `nodes` on `port` (SIGKILL) and removes it from the list.
+pub(crate) async fn kill_node(nodes: &mut Vec<RedisProcess>, port: u16) {
+    let at = nodes
+        .iter()
+        .position(|n| n.port == port)
+        .unwrap_or_else(|| panic!("no running node on port {port}"));
+    let mut node = nodes.remove(at);
+    node.child.kill().await.expect("kill the node");
 }
