@@ -2,8 +2,9 @@
 //!
 //! [`FaultProxy`] sits between lock clients and a real server. Clients connect to
 //! [`FaultProxy::addr`]; every accepted connection is forwarded to the upstream address given to
-//! [`FaultProxy::start`]. [`FaultProxy::set`] switches the [`Fault`] for all connections, open and
-//! new, at once.
+//! [`FaultProxy::start`], or the one set later by [`FaultProxy::set_upstream`] (a failover to
+//! another server). [`FaultProxy::set`] switches the [`Fault`] for all connections, open and new,
+//! at once.
 //!
 //! Faults never drop bytes from the middle of a stream: a partition holds them, as TCP would keep
 //! retransmitting them, and delivers them in order once it is lifted. The only way a connection
@@ -104,6 +105,8 @@ impl Counters {
 #[derive(Clone, Copy, Debug)]
 struct State {
     fault: Fault,
+    /// Where new connections are forwarded.
+    upstream: SocketAddr,
     /// How many times [`Fault::Reset`] has been set; a connection accepted at an older count is
     /// reset even if the fault has changed since.
     reset_count: u64,
@@ -147,7 +150,6 @@ struct State {
 /// ```
 pub struct FaultProxy {
     addr: SocketAddr,
-    upstream: SocketAddr,
     state: watch::Sender<State>,
     counters: Arc<Counters>,
     accept_task: JoinHandle<()>,
@@ -157,7 +159,7 @@ impl fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream())
             .field("fault", &self.fault())
             .field("stats", &self.stats())
             .finish()
@@ -173,18 +175,13 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let (state, state_rx) = watch::channel(State {
             fault: Fault::None,
+            upstream,
             reset_count: 0,
         });
         let counters = Arc::new(Counters::default());
-        let accept_task = tokio::spawn(accept_loop(
-            listener,
-            upstream,
-            state_rx,
-            Arc::clone(&counters),
-        ));
+        let accept_task = tokio::spawn(accept_loop(listener, state_rx, Arc::clone(&counters)));
         Ok(FaultProxy {
             addr,
-            upstream,
             state,
             counters,
             accept_task,
@@ -196,9 +193,16 @@ impl FaultProxy {
         self.addr
     }
 
-    /// The upstream address connections are forwarded to.
+    /// The upstream address new connections are forwarded to.
     pub fn upstream(&self) -> SocketAddr {
-        self.upstream
+        self.state.borrow().upstream
+    }
+
+    /// Forwards new connections to `upstream` from now on (a failover: the clients keep their
+    /// address, the server behind it changes). Open connections stay with the server they were
+    /// made to, and end when it closes them.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        self.state.send_modify(|state| state.upstream = upstream);
     }
 
     /// Sets the fault; it takes effect at once for open and new connections.
@@ -239,7 +243,6 @@ impl Drop for FaultProxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    upstream: SocketAddr,
     state: watch::Receiver<State>,
     counters: Arc<Counters>,
 ) {
@@ -268,7 +271,7 @@ async fn accept_loop(
         let open = OpenGuard(Arc::clone(&counters));
         connections.spawn(serve(
             client,
-            upstream,
+            now.upstream,
             state.clone(),
             now.reset_count,
             open,

@@ -112,7 +112,8 @@ pub fn safety_md(ctx: &Context, runs: &[RunReport]) -> String {
 
 const INTRO: &str = "\
 Each run starts a real lock store (an in-process store, an SQLite file, a Redis, etcd, ZooKeeper, \
-PostgreSQL or MariaDB server), several \
+PostgreSQL or MariaDB server, three Redis servers for Redlock, or a Redis primary with a replica), \
+several \
 worker processes and a *fenced resource*: a counter that the workers read, work on and write back \
 inside the lock, passing their fencing token. With fencing on, the resource refuses a read or write \
 whose token is lower than the highest it has seen; with fencing off it accepts everything. Every \
@@ -127,9 +128,8 @@ What each backend promises (see each backend's README):
 - **sqlite** — one machine; a lease on the machine's boot-time clock, and a dead holder's lock is \
 taken over as soon as its process is gone.
 - **redis** — lease-based on one server: safe while the server keeps its data and its clock; not \
-across failover to an asynchronously replicated replica (staged in the test suite, \
-`tests/redis_replicas.rs`: a second holder is possible, and `min_replicas` refuses the grant a \
-failover would lose).
+across failover to an asynchronously replicated replica (the `redis-replicated` rows; \
+`min_replicas` refuses the grant a failover would lose: the `redis-min-replicas` rows).
 - **etcd** — consensus (Raft); each lock is a key bound to the client's session lease, kept alive \
 in the background; the token is the key's create revision. One node here (a cluster's failover is \
 not part of these runs).
@@ -156,6 +156,16 @@ nodes holds the key, every step waits at most `node_timeout` (100 ms) per node; 
 granting majority's highest counter, written back to a majority. Safe while a majority keeps its \
 keys and clocks; `restart` (one node back empty at once, against the delayed-restart rule) and \
 `node-partition` each take one node away; `restart-aof` keeps the keys on disk.
+- **redis-replicated** — one Redis primary with one replica (no persistence), plain locks; the \
+replica's link runs 150 ms behind each way (through a fault proxy), so asynchronous replication \
+shows at loopback speed. The `failover` run kills the primary right after a holder checked its \
+lock, promotes the replica (`REPLICAOF NO ONE`), points every client's proxy at it, and brings \
+the old primary back empty as its replica (what a Sentinel does). Not safe across a failover: \
+the promoted replica may lack the latest grant.
+- **redis-min-replicas** — the same set-up with `min_replicas=1`: a grant or extension counts only \
+once the replica acknowledged it (`WAIT`), so the promoted replica has every lock a client holds. \
+`WAIT` is not consensus (with several replicas, the promoted one may not be one that \
+acknowledged); here there is one.
 No lease-based lock can stop a holder that is paused past its lease from acting when it resumes; \
 that is what the fencing token is for, and the `pause` rows show it doing that job.
 ";

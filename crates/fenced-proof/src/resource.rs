@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::history::{LineLog, Op, ResourceEvent, now_ns};
@@ -92,6 +92,8 @@ struct State {
     value: u64,
     highest: u64,
     trigger: Option<Trigger>,
+    /// The worker of the latest read (accepted or refused), sent on every read.
+    reads: watch::Sender<Option<u32>>,
 }
 
 /// The running resource.
@@ -112,6 +114,7 @@ impl Resource {
             value: 0,
             highest: 0,
             trigger: None,
+            reads: watch::Sender::new(None),
         }));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -131,6 +134,12 @@ impl Resource {
     /// Arms a trigger (replacing any armed one).
     pub fn arm(&self, trigger: Trigger) {
         self.state.lock().unwrap().trigger = Some(trigger);
+    }
+
+    /// Follows reads: the value is the worker of the latest read (accepted or refused), and it
+    /// changes at every read, so a driver can wait for another holder to act.
+    pub fn reads(&self) -> watch::Receiver<Option<u32>> {
+        self.state.lock().unwrap().reads.subscribe()
     }
 
     /// The counter's value.
@@ -201,6 +210,9 @@ fn handle(line: &str, state: &Mutex<State>, log: &LineLog) -> Result<Step, Strin
         if op == Op::Write {
             s.value = value;
         }
+    }
+    if op == Op::Read {
+        s.reads.send_replace(Some(worker));
     }
     log.push(&ResourceEvent {
         ns: now_ns(),

@@ -17,7 +17,7 @@ use crate::checker::{Findings, check};
 use crate::history::{FaultEvent, LineLog, WorkerEvent, now_ns, read_lines};
 use crate::proxy::{Direction, Fault, FaultProxy};
 use crate::resource::{Directive, Phase, Resource, Trigger};
-use crate::server::{Server, ServerKind};
+use crate::server::{Server, ServerKind, redis_command};
 
 /// The backends the proof suite covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -48,11 +48,19 @@ pub enum BackendKind {
     /// Redlock over three Redis servers (no persistence); workers are processes, each behind
     /// its own fault proxy to every node.
     Redlock,
+    /// A Redis primary with one replica (no persistence), plain locks: replication is
+    /// asynchronous, and the replica's link runs [`REPLICATION_LAG`] behind (through a fault
+    /// proxy). Workers are processes, each behind its own fault proxy to the primary, which
+    /// the failover points at the promoted replica.
+    RedisReplicated,
+    /// The same primary and replica, with `min_replicas=1`: a grant or extension counts only
+    /// once the replica acknowledged it (`WAIT 1`).
+    RedisMinReplicas,
 }
 
 impl BackendKind {
     /// All of them.
-    pub const ALL: [BackendKind; 10] = [
+    pub const ALL: [BackendKind; 12] = [
         BackendKind::Memory,
         BackendKind::Sqlite,
         BackendKind::Redis,
@@ -63,6 +71,8 @@ impl BackendKind {
         BackendKind::MysqlLease,
         BackendKind::MysqlSession,
         BackendKind::Redlock,
+        BackendKind::RedisReplicated,
+        BackendKind::RedisMinReplicas,
     ];
 
     /// Its name.
@@ -78,6 +88,8 @@ impl BackendKind {
             BackendKind::MysqlLease => "mysql-lease",
             BackendKind::MysqlSession => "mysql-session",
             BackendKind::Redlock => "redlock",
+            BackendKind::RedisReplicated => "redis-replicated",
+            BackendKind::RedisMinReplicas => "redis-min-replicas",
         }
     }
 
@@ -99,8 +111,17 @@ impl BackendKind {
     pub fn nodes(self) -> usize {
         match self {
             BackendKind::Redlock => REDLOCK_NODES,
+            BackendKind::RedisReplicated | BackendKind::RedisMinReplicas => 2,
             _ => 1,
         }
+    }
+
+    /// Whether it runs on a Redis primary with a replica (the failover runs).
+    pub fn replicated(self) -> bool {
+        matches!(
+            self,
+            BackendKind::RedisReplicated | BackendKind::RedisMinReplicas
+        )
     }
 
     /// Whether it runs behind a network server.
@@ -141,11 +162,17 @@ pub enum Scenario {
     ClockJump,
     /// Redlock: one node is cut off from every worker (both ways) for two leases mid-section.
     NodePartition,
+    /// Redis with a replica: right after a holder checked its lock (before its write), the
+    /// primary is killed, the replica promoted (`REPLICAOF NO ONE`) and the clients' proxies
+    /// pointed at it. The holder's write is answered once another worker has read the
+    /// resource, or after two leases; then the old primary comes back empty as the new
+    /// primary's replica.
+    Failover,
 }
 
 impl Scenario {
     /// All of them.
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Kill,
         Scenario::Pause,
         Scenario::Latency,
@@ -157,6 +184,7 @@ impl Scenario {
         Scenario::RestartAof,
         Scenario::ClockJump,
         Scenario::NodePartition,
+        Scenario::Failover,
     ];
 
     /// Its name.
@@ -173,16 +201,22 @@ impl Scenario {
             Scenario::RestartAof => "restart-aof",
             Scenario::ClockJump => "clock-jump",
             Scenario::NodePartition => "node-partition",
+            Scenario::Failover => "failover",
         }
     }
 
     /// Whether it means anything on `backend` (network faults need a network).
     pub fn applies_to(self, backend: BackendKind) -> bool {
+        // The replicated set-ups are there for the failover; everything else they would show
+        // is the single server's.
+        if backend.replicated() || self == Scenario::Failover {
+            return backend.replicated() && self == Scenario::Failover;
+        }
         match self {
             Scenario::Kill | Scenario::Pause | Scenario::ClockJump => true,
             // Only Redis offers a choice of persistence; etcd and ZooKeeper always sync their log.
             Scenario::RestartAof => matches!(backend, BackendKind::Redis | BackendKind::Redlock),
-            Scenario::NodePartition => backend.nodes() > 1,
+            Scenario::NodePartition => backend == BackendKind::Redlock,
             _ => backend.networked(),
         }
     }
@@ -234,8 +268,20 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
     };
     // Nothing may go wrong, and a superseded holder must learn it first.
     let safe = |why| e(Never, Never, true, why);
-    use BackendKind::{MysqlLease, MysqlSession, PostgresLease, PostgresSession, Redlock};
+    use BackendKind::{
+        MysqlLease, MysqlSession, PostgresLease, PostgresSession, RedisMinReplicas,
+        RedisReplicated, Redlock,
+    };
     match (scenario, backend) {
+        (Scenario::Failover, RedisReplicated) => e(
+            Possible,
+            Possible,
+            false,
+            "replication is asynchronous, and here the replica is 150 ms behind: the promoted replica has the lock as it stood 150 ms before the crash (free, or an earlier holder's key that then expires), not the holder's grant, so a waiter can be granted while the holder still holds and acts; the holder's next renewal finds the key gone or another's and tells it, possibly after the new holder acted; the new primary's tokens follow its clock, above the old holder's, so fencing refuses the old holder's write",
+        ),
+        (Scenario::Failover, RedisMinReplicas) => safe(
+            "every grant and extension counted only once the replica acknowledged it (WAIT 1), so the promoted replica has the holder's key with its expiry and no waiter is granted before it ends; the holder's renewals reach the new primary but go unconfirmed until its new replica (the old primary, back empty after the holder's write) acknowledges them, so the holder stops at its deadline, before the key expires",
+        ),
         (Scenario::Restart, Redlock) => e(
             Possible,
             Possible,
@@ -367,6 +413,7 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
             "fenced measures leases with the monotonic clock, so wall-clock jumps do not matter",
         ),
         (Scenario::NodePartition, _) => safe("not run: the backend has one server"),
+        (Scenario::Failover, _) => safe("not run: the backend has no replica"),
     }
 }
 
@@ -376,6 +423,9 @@ pub const ETCD_MIN_SESSION: Duration = Duration::from_secs(2);
 
 /// How many Redis servers a Redlock run uses.
 pub const REDLOCK_NODES: usize = 3;
+
+/// How far the replica's link lags behind the primary in the failover runs, each way.
+pub const REPLICATION_LAG: Duration = Duration::from_millis(150);
 
 /// The shortest `session_timeout` the SQL backends accept.
 pub const SQL_MIN_SESSION: Duration = Duration::from_secs(1);
@@ -572,10 +622,12 @@ fn judge(r: &RunReport) -> Vec<String> {
 /// Everything a run starts, stopped when dropped.
 struct Running {
     children: Vec<(u32, Child)>,
-    /// The servers (one, or Redlock's nodes).
+    /// The servers (one, Redlock's nodes, or a primary and its replica).
     servers: Vec<Server>,
-    /// Per worker process, one proxy per server.
+    /// Per worker process, one proxy per server the clients use.
     proxies: Vec<Vec<FaultProxy>>,
+    /// The replica's link to the primary, in the replicated set-ups.
+    replication: Option<FaultProxy>,
 }
 
 async fn drive(
@@ -600,6 +652,7 @@ async fn drive(
         children: Vec::new(),
         servers: Vec::new(),
         proxies: Vec::new(),
+        replication: None,
     };
 
     // The backend, and the URL each worker process uses.
@@ -608,12 +661,15 @@ async fn drive(
         _ => (setup.workers, 1),
     };
     let mut urls = Vec::new();
-    let direct_url = match backend {
+    let mut direct_url = match backend {
         BackendKind::Memory => format!("memory://proof-{}", scenario.name()),
         BackendKind::Sqlite => format!("sqlite://{}", dir.join("locks.db").display()),
         _ => {
             let kind = match backend {
-                BackendKind::Redis | BackendKind::Redlock => ServerKind::Redis {
+                BackendKind::Redis
+                | BackendKind::Redlock
+                | BackendKind::RedisReplicated
+                | BackendKind::RedisMinReplicas => ServerKind::Redis {
                     aof: scenario == Scenario::RestartAof,
                 },
                 BackendKind::Etcd => ServerKind::Etcd,
@@ -638,8 +694,13 @@ async fn drive(
                     .servers
                     .push(Server::start(kind, &dir.join(name)).await?);
             }
+            if backend.replicated() {
+                running.replication =
+                    Some(replicate(&running.servers[0], &running.servers[1]).await?);
+            }
             let url_one = |addr: SocketAddr| match backend {
-                BackendKind::Redis => format!("redis://{addr}/0"),
+                BackendKind::Redis | BackendKind::RedisReplicated => format!("redis://{addr}/0"),
+                BackendKind::RedisMinReplicas => format!("redis://{addr}/0?min_replicas=1"),
                 // Sessions end after one lease without keep-alives, like a Redis lease.
                 BackendKind::Etcd => format!("etcd://{addr}?session_ttl={}s", lease.as_secs()),
                 BackendKind::PostgresLease => format!("postgres://postgres@{addr}/postgres"),
@@ -657,7 +718,14 @@ async fn drive(
                 }
                 _ => url_one(addrs[0]),
             };
-            let server_addrs: Vec<SocketAddr> = running.servers.iter().map(Server::addr).collect();
+            let mut server_addrs: Vec<SocketAddr> =
+                running.servers.iter().map(Server::addr).collect();
+            // Clients know the primary only.
+            server_addrs.truncate(if backend.replicated() {
+                1
+            } else {
+                backend.nodes()
+            });
             for _ in 0..processes {
                 let mut mine = Vec::new();
                 for addr in &server_addrs {
@@ -738,11 +806,12 @@ async fn drive(
 
     // The fault, at a seeded moment, on whichever worker next reaches the fault point.
     tokio::time::sleep(fault_at).await;
-    let phase = if scenario == Scenario::Pause {
+    let phase = if matches!(scenario, Scenario::Pause | Scenario::Failover) {
         Phase::Check
     } else {
         Phase::Read
     };
+    let mut reads = resource.reads();
     let (fired_tx, fired_rx) = oneshot::channel();
     resource.arm(Trigger {
         phase,
@@ -831,6 +900,28 @@ async fn drive(
                     std::fs::write(&clock_file, "+3600\n").map_err(|e| e.to_string())?;
                     Directive::Hold(ms(lease * 2))
                 }
+                Scenario::Failover => {
+                    fault_log.push(&fault("failover"));
+                    reads.mark_unchanged();
+                    fail_over(
+                        &mut running.servers,
+                        &running.proxies,
+                        running.replication.as_ref(),
+                    )
+                    .await?;
+                    direct_url = format!("redis://{}/0", running.servers[1].addr());
+                    // The holder writes once another worker has read (a second holder acted)
+                    // or after two leases, whichever comes first.
+                    let _ = tokio::time::timeout(lease * 2, async {
+                        while reads.changed().await.is_ok() {
+                            if *reads.borrow_and_update() != Some(target) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    Directive::Continue
+                }
             };
             let _ = reply.send(directive);
             // The heal.
@@ -863,6 +954,10 @@ async fn drive(
                 Scenario::ClockJump => {
                     tokio::time::sleep(lease * 3).await;
                     std::fs::write(&clock_file, "+0\n").map_err(|e| e.to_string())?;
+                    fault_log.push(&fault("heal"));
+                }
+                Scenario::Failover => {
+                    reattach(&mut running.servers).await?;
                     fault_log.push(&fault("heal"));
                 }
                 _ => {}
@@ -918,6 +1013,63 @@ async fn drive(
     report.findings = check(&workers, &resource_events, &faults);
     drop(running);
     Ok(())
+}
+
+/// Makes `replica` replicate `primary` through a fault proxy that delays every chunk by
+/// [`REPLICATION_LAG`], and waits until the link is up.
+async fn replicate(primary: &Server, replica: &Server) -> Result<FaultProxy, String> {
+    let link = FaultProxy::start(primary.addr())
+        .await
+        .map_err(|e| format!("fault proxy: {e}"))?;
+    link.set(Fault::Latency(REPLICATION_LAG));
+    let port = link.addr().port().to_string();
+    redis_command(replica.addr(), &["REPLICAOF", "127.0.0.1", &port]).await?;
+    link_up(replica).await?;
+    Ok(link)
+}
+
+/// Waits (up to 10 s) until `replica` reports its link to its primary up.
+async fn link_up(replica: &Server) -> Result<(), String> {
+    for _ in 0..200 {
+        let info = redis_command(replica.addr(), &["INFO", "replication"]).await?;
+        if info.contains("master_link_status:up") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!(
+        "the replica {} did not reach its primary within 10 s",
+        replica.addr()
+    ))
+}
+
+/// The failover: the replica's link is cut (what it has not received yet is lost), the primary
+/// (`servers[0]`) is killed, the replica (`servers[1]`) promoted and every client proxy pointed
+/// at it.
+async fn fail_over(
+    servers: &mut [Server],
+    proxies: &[Vec<FaultProxy>],
+    link: Option<&FaultProxy>,
+) -> Result<(), String> {
+    if let Some(link) = link {
+        link.set(Fault::Reset);
+    }
+    servers[0].kill().await;
+    let promoted = servers[1].addr();
+    redis_command(promoted, &["REPLICAOF", "NO", "ONE"]).await?;
+    for mine in proxies {
+        mine[0].set_upstream(promoted);
+    }
+    Ok(())
+}
+
+/// After [`fail_over`]: the old primary comes back empty as the new primary's replica, as a
+/// Sentinel would re-attach it.
+async fn reattach(servers: &mut [Server]) -> Result<(), String> {
+    servers[0].start_again().await?;
+    let port = servers[1].addr().port().to_string();
+    redis_command(servers[0].addr(), &["REPLICAOF", "127.0.0.1", &port]).await?;
+    link_up(&servers[0]).await
 }
 
 /// Whether some worker's wall clock moved by about an hour against the monotonic clock.

@@ -115,6 +115,9 @@ impl Server {
                 } else {
                     c.args(["--appendonly", "no", "--save", ""]);
                 }
+                // A replica (the failover runs) syncs at once, not after the default 5 s wait
+                // for more replicas.
+                c.args(["--repl-diskless-sync-delay", "0"]);
                 c.arg("--dir").arg(&self.dir);
                 c.args(["--daemonize", "no", "--logfile"])
                     .arg(self.dir.join("server.log"));
@@ -441,6 +444,60 @@ async fn exchange(addr: SocketAddr, request: &[u8], expect: &[u8]) -> bool {
         tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut buf)).await,
         Ok(Ok(_)) if buf.iter().zip(expect).all(|(b, e)| b == e || *e == b'?')
     )
+}
+
+/// Sends one command to the Redis server at `addr` and returns its reply: a simple string,
+/// integer or bulk string as text; an error reply or no answer within 5 s is an error.
+pub async fn redis_command(addr: SocketAddr, args: &[&str]) -> Result<String, String> {
+    let what = || format!("redis {addr} {}", args.join(" "));
+    let mut request = format!("*{}\r\n", args.len());
+    for a in args {
+        request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        s.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("the connection closed before a whole reply".to_string());
+            }
+            reply.extend_from_slice(&buf[..n]);
+            if let Some(done) = resp_reply(&reply) {
+                return done;
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(e)) => Err(format!("{}: {e}", what())),
+        Err(_) => Err(format!("{}: no answer within 5 s", what())),
+    }
+}
+
+/// One whole RESP reply in `bytes`, if it has all arrived.
+fn resp_reply(bytes: &[u8]) -> Option<Result<String, String>> {
+    let end = bytes.windows(2).position(|w| w == b"\r\n")?;
+    let line = String::from_utf8_lossy(&bytes[1..end]).into_owned();
+    match bytes.first()? {
+        b'+' | b':' => Some(Ok(line)),
+        b'-' => Some(Err(line)),
+        b'$' => {
+            let Ok(len) = line.parse::<i64>() else {
+                return Some(Err(format!("a bad bulk length {line:?}")));
+            };
+            let Ok(len) = usize::try_from(len) else {
+                return Some(Ok(String::new()));
+            };
+            let body = bytes.get(end + 2..end + 2 + len)?;
+            Some(Ok(String::from_utf8_lossy(body).into_owned()))
+        }
+        _ => Some(Err(format!("an unexpected reply {line:?}"))),
+    }
 }
 
 /// A TCP port free on 127.0.0.1 right now.

@@ -107,3 +107,22 @@ async fn redlock_node_partition_keeps_granting() {
     assert!(r.passed(), "{:?}", r.violations);
     assert!(r.findings.grants >= 5, "{:?}", r.findings);
 }
+
+/// A failover to a replica that had not received the latest grant (plain locks): a second
+/// holder is granted while the first is about to write, and fencing refuses that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failover_plain_second_holder_is_fenced_off() {
+    let r = run(BackendKind::RedisReplicated, Scenario::Failover).await;
+    assert!(r.findings.overlaps >= 1, "{:?}", r.findings);
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
+
+/// The same failover with `min_replicas=1`: the promoted replica has the holder's lock, nobody
+/// else is granted while it holds, and the holder's write is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failover_min_replicas_keeps_one_holder() {
+    let r = run(BackendKind::RedisMinReplicas, Scenario::Failover).await;
+    assert_eq!(r.findings.overlaps, 0, "{:?}", r.findings);
+    assert_eq!(r.findings.writes_rejected, 0, "{:?}", r.findings);
+    assert!(r.findings.grants >= 5, "{:?}", r.findings);
+}

@@ -542,3 +542,24 @@ async fn dropping_the_proxy_closes_connections() {
     let refused = TcpStream::connect(addr).await.map_err(|e| e.kind());
     assert_eq!(refused.err(), Some(ErrorKind::ConnectionRefused));
 }
+
+/// After `set_upstream`, new connections reach the new server; an open one stays with the server
+/// it was made to.
+#[tokio::test]
+async fn set_upstream_moves_new_connections_only() {
+    let (mut first, proxy, mut old_conn) = warmed().await;
+    let mut second = Echo::start(b"").await;
+    proxy.set_upstream(second.addr);
+    assert_eq!(proxy.upstream(), second.addr);
+
+    let mut new_conn = TcpStream::connect(proxy.addr()).await.unwrap();
+    new_conn.write_all(b"new").await.unwrap();
+    assert_eq!(read_n(&mut new_conn, 3).await, b"new");
+    assert!(matches!(second.next().await, Seen::Accepted));
+    assert_eq!(second.received(3).await, b"new");
+
+    old_conn.write_all(b"old").await.unwrap();
+    assert_eq!(read_n(&mut old_conn, 3).await, b"old");
+    assert_eq!(first.received(3).await, b"old");
+    second.quiet().await;
+}
