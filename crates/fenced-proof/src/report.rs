@@ -155,7 +155,11 @@ server restart) at its next renewal, possibly after another holder was granted.
 nodes holds the key, every step waits at most `node_timeout` (100 ms) per node; the token is the \
 granting majority's highest counter, written back to a majority. Safe while a majority keeps its \
 keys and clocks; `restart` (one node back empty at once, against the delayed-restart rule) and \
-`node-partition` each take one node away; `restart-aof` keeps the keys on disk.
+`node-partition` each take one node away; `restart-aof` keeps the keys on disk. \
+`node-clock-jump` and `majority-clock-jump` move the wall clock of one node, or of two, an hour \
+ahead while a lock is held (through a small `LD_PRELOAD` shim that fenced-proof builds with the \
+machine's C compiler; libfaketime hangs inside redis-server), and back three leases later: the \
+jumped nodes drop their keys at once, as if restarted, but keep their fence counters.
 - **redis-replicated** — one Redis primary with one replica (no persistence), plain locks; the \
 replica's link runs 150 ms behind each way (through a fault proxy), so asynchronous replication \
 shows at loopback speed. The `failover` run kills the primary right after a holder checked its \

@@ -11,13 +11,13 @@ use std::time::Duration;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::checker::{Findings, check};
 use crate::history::{FaultEvent, LineLog, WorkerEvent, now_ns, read_lines};
 use crate::proxy::{Direction, Fault, FaultProxy};
 use crate::resource::{Directive, Phase, Resource, Trigger};
-use crate::server::{Server, ServerKind, redis_command};
+use crate::server::{Server, ServerKind, clock_shim, redis_command};
 
 /// The backends the proof suite covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -162,6 +162,14 @@ pub enum Scenario {
     ClockJump,
     /// Redlock: one node is cut off from every worker (both ways) for two leases mid-section.
     NodePartition,
+    /// Redlock: one node's wall clock jumps an hour ahead while a holder holds (its keys
+    /// expire there at once), and back three leases later; the node's monotonic clock and the
+    /// workers' clocks stay true.
+    NodeClockJump,
+    /// Redlock: the same jump on two nodes of three, a majority, right after a holder checked
+    /// its lock; the holder's write is answered once another worker has read, or after two
+    /// leases.
+    MajorityClockJump,
     /// Redis with a replica: right after a holder checked its lock (before its write), the
     /// primary is killed, the replica promoted (`REPLICAOF NO ONE`) and the clients' proxies
     /// pointed at it. The holder's write is answered once another worker has read the
@@ -172,7 +180,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// All of them.
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::Kill,
         Scenario::Pause,
         Scenario::Latency,
@@ -184,6 +192,8 @@ impl Scenario {
         Scenario::RestartAof,
         Scenario::ClockJump,
         Scenario::NodePartition,
+        Scenario::NodeClockJump,
+        Scenario::MajorityClockJump,
         Scenario::Failover,
     ];
 
@@ -201,8 +211,15 @@ impl Scenario {
             Scenario::RestartAof => "restart-aof",
             Scenario::ClockJump => "clock-jump",
             Scenario::NodePartition => "node-partition",
+            Scenario::NodeClockJump => "node-clock-jump",
+            Scenario::MajorityClockJump => "majority-clock-jump",
             Scenario::Failover => "failover",
         }
+    }
+
+    /// Whether it moves a server's clock (the servers then run with the clock shim).
+    pub fn node_clock(self) -> bool {
+        matches!(self, Scenario::NodeClockJump | Scenario::MajorityClockJump)
     }
 
     /// Whether it means anything on `backend` (network faults need a network).
@@ -216,7 +233,9 @@ impl Scenario {
             Scenario::Kill | Scenario::Pause | Scenario::ClockJump => true,
             // Only Redis offers a choice of persistence; etcd and ZooKeeper always sync their log.
             Scenario::RestartAof => matches!(backend, BackendKind::Redis | BackendKind::Redlock),
-            Scenario::NodePartition => backend == BackendKind::Redlock,
+            Scenario::NodePartition | Scenario::NodeClockJump | Scenario::MajorityClockJump => {
+                backend == BackendKind::Redlock
+            }
             _ => backend.networked(),
         }
     }
@@ -412,7 +431,21 @@ pub fn expectation(backend: BackendKind, scenario: Scenario) -> Expectation {
         (Scenario::ClockJump, _) => safe(
             "fenced measures leases with the monotonic clock, so wall-clock jumps do not matter",
         ),
-        (Scenario::NodePartition, _) => safe("not run: the backend has one server"),
+        (Scenario::NodeClockJump, Redlock) => e(
+            Possible,
+            Possible,
+            false,
+            "the jumped node drops its keys at once, as a node restarting empty would: a lock held on all three nodes keeps a majority and its holder's renewals succeed on the other two, but a lock held on a bare majority that included the jumped node (one node answered late, or a competing waiter held it at the grant) is then held on one node, and another client can assemble a majority with the jumped node: two holders; the node's fence counter survives the jump, so tokens keep rising and fencing refuses the old holder's write",
+        ),
+        (Scenario::MajorityClockJump, Redlock) => e(
+            Certain,
+            Possible,
+            false,
+            "two nodes of three drop the holder's keys at once, so the next waiter to try assembles a majority while the holder still acts: two holders, whatever the client does (Redlock assumes clocks that do not jump); the holder's renewals fail from the jump on, so its deadline may have passed before the waiter tries (then the two grants were not both valid at one instant, but the holder still writes late); the counters survive on every node, so the new token is above the old one and fencing refuses the old holder's write",
+        ),
+        (Scenario::NodePartition | Scenario::NodeClockJump | Scenario::MajorityClockJump, _) => {
+            safe("not run: the backend has one server")
+        }
         (Scenario::Failover, _) => safe("not run: the backend has no replica"),
     }
 }
@@ -684,15 +717,29 @@ async fn drive(
                 ms(lease),
                 ms(lease) / 3
             );
+            // The node clock scenarios: every node runs with the clock shim, reading its
+            // offset from a file of its own.
+            let shim = if scenario.node_clock() {
+                Some(clock_shim(dir)?)
+            } else {
+                None
+            };
             for n in 0..backend.nodes() {
                 let name = if backend.nodes() > 1 {
                     format!("server-{n}")
                 } else {
                     "server".to_owned()
                 };
+                let mut env = Vec::new();
+                if let Some(shim) = &shim {
+                    let file = node_clock_file(dir, n);
+                    std::fs::write(&file, "0\n").map_err(|e| format!("{}: {e}", file.display()))?;
+                    env.push(("LD_PRELOAD".into(), shim.into()));
+                    env.push(("FENCED_PROOF_CLOCK_FILE".into(), file.into()));
+                }
                 running
                     .servers
-                    .push(Server::start(kind, &dir.join(name)).await?);
+                    .push(Server::start_with_env(kind, &dir.join(name), env).await?);
             }
             if backend.replicated() {
                 running.replication =
@@ -806,7 +853,10 @@ async fn drive(
 
     // The fault, at a seeded moment, on whichever worker next reaches the fault point.
     tokio::time::sleep(fault_at).await;
-    let phase = if matches!(scenario, Scenario::Pause | Scenario::Failover) {
+    let phase = if matches!(
+        scenario,
+        Scenario::Pause | Scenario::Failover | Scenario::MajorityClockJump
+    ) {
         Phase::Check
     } else {
         Phase::Read
@@ -900,6 +950,18 @@ async fn drive(
                     std::fs::write(&clock_file, "+3600\n").map_err(|e| e.to_string())?;
                     Directive::Hold(ms(lease * 2))
                 }
+                Scenario::NodeClockJump => {
+                    fault_log.push(&fault("node-clock+1h"));
+                    jump_node_clocks(dir, &running.servers[..1], 3600).await?;
+                    Directive::Hold(ms(lease * 2))
+                }
+                Scenario::MajorityClockJump => {
+                    fault_log.push(&fault("majority-clock+1h"));
+                    reads.mark_unchanged();
+                    jump_node_clocks(dir, &running.servers[..2], 3600).await?;
+                    second_reader(&mut reads, target, lease * 2).await;
+                    Directive::Continue
+                }
                 Scenario::Failover => {
                     fault_log.push(&fault("failover"));
                     reads.mark_unchanged();
@@ -910,16 +972,7 @@ async fn drive(
                     )
                     .await?;
                     direct_url = format!("redis://{}/0", running.servers[1].addr());
-                    // The holder writes once another worker has read (a second holder acted)
-                    // or after two leases, whichever comes first.
-                    let _ = tokio::time::timeout(lease * 2, async {
-                        while reads.changed().await.is_ok() {
-                            if *reads.borrow_and_update() != Some(target) {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
+                    second_reader(&mut reads, target, lease * 2).await;
                     Directive::Continue
                 }
             };
@@ -958,6 +1011,16 @@ async fn drive(
                 }
                 Scenario::Failover => {
                     reattach(&mut running.servers).await?;
+                    fault_log.push(&fault("heal"));
+                }
+                Scenario::NodeClockJump | Scenario::MajorityClockJump => {
+                    tokio::time::sleep(lease * 3).await;
+                    let jumped = if scenario == Scenario::NodeClockJump {
+                        1
+                    } else {
+                        2
+                    };
+                    jump_node_clocks(dir, &running.servers[..jumped], 0).await?;
                     fault_log.push(&fault("heal"));
                 }
                 _ => {}
@@ -1012,6 +1075,63 @@ async fn drive(
     let faults = read_lines(&dir.join("faults.jsonl")).map_err(|e| e.to_string())?;
     report.findings = check(&workers, &resource_events, &faults);
     drop(running);
+    Ok(())
+}
+
+/// Waits until a worker other than `target` reads the resource (a second holder acted), or
+/// `limit` passed, whichever comes first.
+async fn second_reader(reads: &mut watch::Receiver<Option<u32>>, target: u32, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        while reads.changed().await.is_ok() {
+            if *reads.borrow_and_update() != Some(target) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The offset file of node `n`'s clock shim.
+fn node_clock_file(dir: &Path, n: usize) -> PathBuf {
+    dir.join(format!("server-{n}.clock"))
+}
+
+/// Sets the wall clock of the first `servers.len()` nodes to `offset` seconds from true time,
+/// and checks that each node's `TIME` shows it (the shim loaded) within a second.
+async fn jump_node_clocks(dir: &Path, servers: &[Server], offset: i64) -> Result<(), String> {
+    for n in 0..servers.len() {
+        let file = node_clock_file(dir, n);
+        std::fs::write(&file, format!("{offset:+}\n"))
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    for server in servers {
+        let mut seen = 0;
+        for _ in 0..100 {
+            let time = redis_command(
+                server.addr(),
+                &["EVAL", "return tonumber(redis.call('TIME')[1])", "0"],
+            )
+            .await?;
+            let true_now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|e| e.to_string())?
+                .as_secs() as i64;
+            seen = time
+                .parse::<i64>()
+                .map_err(|e| format!("TIME {time:?}: {e}"))?
+                - true_now;
+            if (seen - offset).abs() <= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if (seen - offset).abs() > 2 {
+            return Err(format!(
+                "the node {} shows its clock {seen:+} s from true time, not {offset:+} s: the clock shim did not take",
+                server.addr()
+            ));
+        }
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! ZooKeeper, PostgreSQL and MariaDB, each from its Debian package, on free loopback ports with
 //! data in the run's directory.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -43,11 +44,23 @@ pub struct Server {
     /// A second port (etcd's peer port), when the server needs one.
     extra_port: u16,
     child: Option<Child>,
+    /// Extra environment of the server process (a [clock shim](clock_shim)).
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Server {
     /// Starts a server with its data in `dir`.
     pub async fn start(kind: ServerKind, dir: &Path) -> Result<Server, String> {
+        Server::start_with_env(kind, dir, Vec::new()).await
+    }
+
+    /// Starts a server with its data in `dir` and `env` added to its environment (on every
+    /// start, restarts included).
+    pub async fn start_with_env(
+        kind: ServerKind,
+        dir: &Path,
+        env: Vec<(OsString, OsString)>,
+    ) -> Result<Server, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut last = String::new();
         for _ in 0..3 {
@@ -57,6 +70,7 @@ impl Server {
                 port: free_port().map_err(|e| e.to_string())?,
                 extra_port: free_port().map_err(|e| e.to_string())?,
                 child: None,
+                env: env.clone(),
             };
             match server.spawn().await {
                 Ok(()) => return Ok(server),
@@ -294,6 +308,7 @@ impl Server {
         }
         let child = self
             .command()?
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}; scripts/proof installs it"))?;
         self.child = Some(child);
@@ -307,7 +322,9 @@ impl Server {
                 if let Some(child) = self.child.as_mut() {
                     if let Ok(Some(_)) = child.try_wait() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        self.child = Some(self.command()?.spawn().map_err(|e| {
+                        let mut cmd = self.command()?;
+                        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+                        self.child = Some(cmd.spawn().map_err(|e| {
                             format!("cannot start {program}: {e}; scripts/proof installs it")
                         })?);
                         continue;
@@ -372,6 +389,40 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// The clock shim's C source (see the file's comment).
+const CLOCK_SHIM_C: &str = include_str!("clock_shim.c");
+
+/// Builds the clock shim into `dir` with the machine's C compiler (`$CC`, else `cc`) and returns
+/// the library's path. A server started with `LD_PRELOAD` set to it and
+/// `FENCED_PROOF_CLOCK_FILE` naming a file sees its wall clock moved by the seconds that file
+/// holds (`+3600`), read again every 10 ms; its monotonic clocks stay true. libfaketime does the
+/// same for the workers but hangs inside `redis-server` (its jemalloc reads the clock while
+/// libfaketime resolves the real functions).
+pub fn clock_shim(dir: &Path) -> Result<PathBuf, String> {
+    let source = dir.join("clock_shim.c");
+    let library = dir.join("libfenced_clock.so");
+    std::fs::write(&source, CLOCK_SHIM_C).map_err(|e| format!("{}: {e}", source.display()))?;
+    let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
+    let out = std::process::Command::new(&cc)
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .output()
+        .map_err(|e| {
+            format!(
+                "cannot run the C compiler {} to build the clock shim: {e} (Debian gcc)",
+                cc.to_string_lossy()
+            )
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the clock shim failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(library)
 }
 
 /// The PostgreSQL protocol 3.0 startup message for user `postgres`, database `postgres`.

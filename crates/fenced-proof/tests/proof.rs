@@ -126,3 +126,22 @@ async fn redis_failover_min_replicas_keeps_one_holder() {
     assert_eq!(r.findings.writes_rejected, 0, "{:?}", r.findings);
     assert!(r.findings.grants >= 5, "{:?}", r.findings);
 }
+
+/// Redlock with one node's wall clock an hour ahead while a lock is held (the node drops its
+/// keys at once): the run stays within its expectation, the run itself checks that the node's
+/// `TIME` moved, and tokens keep rising.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_node_clock_jump_keeps_tokens_rising() {
+    let r = run(BackendKind::Redlock, Scenario::NodeClockJump).await;
+    assert_eq!(r.findings.token_violations, 0, "{:?}", r.findings);
+    assert_eq!(r.findings.stale_writes_accepted, 0, "{:?}", r.findings);
+}
+
+/// Redlock with two nodes' wall clocks an hour ahead: a second holder assembles a majority
+/// while the first is about to write, and the fencing token refuses that write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_majority_clock_jump_second_holder_is_fenced_off() {
+    let r = run(BackendKind::Redlock, Scenario::MajorityClockJump).await;
+    assert!(r.findings.overlaps >= 1, "{:?}", r.findings);
+    assert!(r.findings.writes_rejected >= 1, "{:?}", r.findings);
+}
