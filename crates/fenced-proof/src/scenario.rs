@@ -217,9 +217,18 @@ impl Scenario {
         }
     }
 
+    /// How many servers' wall clocks it moves (the first ones); 0 for the rest.
+    pub fn jumped_nodes(self) -> usize {
+        match self {
+            Scenario::NodeClockJump => 1,
+            Scenario::MajorityClockJump => 2,
+            _ => 0,
+        }
+    }
+
     /// Whether it moves a server's clock (the servers then run with the clock shim).
     pub fn node_clock(self) -> bool {
-        matches!(self, Scenario::NodeClockJump | Scenario::MajorityClockJump)
+        self.jumped_nodes() > 0
     }
 
     /// Whether it means anything on `backend` (network faults need a network).
@@ -768,11 +777,9 @@ async fn drive(
             let mut server_addrs: Vec<SocketAddr> =
                 running.servers.iter().map(Server::addr).collect();
             // Clients know the primary only.
-            server_addrs.truncate(if backend.replicated() {
-                1
-            } else {
-                backend.nodes()
-            });
+            if backend.replicated() {
+                server_addrs.truncate(1);
+            }
             for _ in 0..processes {
                 let mut mine = Vec::new();
                 for addr in &server_addrs {
@@ -952,13 +959,15 @@ async fn drive(
                 }
                 Scenario::NodeClockJump => {
                     fault_log.push(&fault("node-clock+1h"));
-                    jump_node_clocks(dir, &running.servers[..1], 3600).await?;
+                    jump_node_clocks(dir, &running.servers[..scenario.jumped_nodes()], 3600)
+                        .await?;
                     Directive::Hold(ms(lease * 2))
                 }
                 Scenario::MajorityClockJump => {
                     fault_log.push(&fault("majority-clock+1h"));
                     reads.mark_unchanged();
-                    jump_node_clocks(dir, &running.servers[..2], 3600).await?;
+                    jump_node_clocks(dir, &running.servers[..scenario.jumped_nodes()], 3600)
+                        .await?;
                     second_reader(&mut reads, target, lease * 2).await;
                     Directive::Continue
                 }
@@ -1015,12 +1024,7 @@ async fn drive(
                 }
                 Scenario::NodeClockJump | Scenario::MajorityClockJump => {
                     tokio::time::sleep(lease * 3).await;
-                    let jumped = if scenario == Scenario::NodeClockJump {
-                        1
-                    } else {
-                        2
-                    };
-                    jump_node_clocks(dir, &running.servers[..jumped], 0).await?;
+                    jump_node_clocks(dir, &running.servers[..scenario.jumped_nodes()], 0).await?;
                     fault_log.push(&fault("heal"));
                 }
                 _ => {}

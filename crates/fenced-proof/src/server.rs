@@ -217,7 +217,8 @@ impl Server {
         };
         let out = std::fs::File::create(self.dir.join("server.out")).map_err(|e| e.to_string())?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        cmd.stdin(Stdio::null())
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
@@ -308,7 +309,6 @@ impl Server {
         }
         let child = self
             .command()?
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}; scripts/proof installs it"))?;
         self.child = Some(child);
@@ -322,9 +322,7 @@ impl Server {
                 if let Some(child) = self.child.as_mut() {
                     if let Ok(Some(_)) = child.try_wait() {
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        let mut cmd = self.command()?;
-                        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-                        self.child = Some(cmd.spawn().map_err(|e| {
+                        self.child = Some(self.command()?.spawn().map_err(|e| {
                             format!("cannot start {program}: {e}; scripts/proof installs it")
                         })?);
                         continue;
